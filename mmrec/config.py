@@ -1,0 +1,198 @@
+"""Layered configuration.
+
+Precedence (later wins): configs/overall.yaml < configs/dataset/<d>.yaml < configs/model/<M>.yaml
+< the model yaml's ``dataset_overrides: {<d>: {...}}`` block < command-line ``--set key=value``
+(values parsed as YAML).
+
+Grids, MMRec style: ``hyper_parameters: [a, b]`` names keys whose values are lists; a run walks the
+cartesian product (``seed`` included; the last key varies fastest).  Shipped model yamls keep scalar
+defaults for a single run and their search space in a ``grid:`` block, which ``main.py grid`` (or
+``--grid``) switches on.  ``--set key=value`` on a grid key fixes it (the grid shrinks); a YAML list on
+a grid key sets a new grid.  Unknown keys are an error with a close-match suggestion.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 / 5E3 as floats (PyYAML's YAML 1.1 reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line before anything is built."""
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Config:
+    """A strict mapping: reading a key that no layer defines is an error with a suggestion."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._values:
+            raise ConfigError(f"config has no key {key!r}{_suggest(key, self._values)}; "
+                              "add it to the model yaml or pass --set")
+        return self._values[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._values)
+
+    def copy(self) -> "Config":
+        return Config(copy.deepcopy(self._values))
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = yaml_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """'key=value' -> (key, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({err})") from err
+    return key, value
+
+
+def _merge_hyper(base: list, extra) -> list:
+    out = list(base)
+    for name in extra or []:
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] | None = None,
+                grid: bool = False, config_dir: Path | None = None,
+                model_yaml: Path | None = None) -> Config:
+    """Resolve the layered configuration of one (model, dataset) pair."""
+    cdir = Path(config_dir) if config_dir else CONFIG_DIR
+    values: dict[str, Any] = {}
+    hyper: list[str] = []
+    layers = [cdir / "overall.yaml", cdir / "dataset" / f"{dataset}.yaml"]
+    layers.append(Path(model_yaml) if model_yaml else cdir / "model" / f"{model}.yaml")
+    model_grid: dict[str, list] = {}
+    for path in layers:
+        if not path.exists():
+            if path.parent.name == "dataset":
+                continue  # a dataset without a yaml uses MMRec's default field names
+            if path.parent.name == "model":
+                continue  # a user's own model (-m pkg.module:Class) may have no yaml
+            raise ConfigError(f"missing config file {path}")
+        data = _read_yaml(path)
+        hyper = _merge_hyper(hyper, data.pop("hyper_parameters", []))
+        per_dataset = data.pop("dataset_overrides", None) or {}
+        if path.parent.name == "model":
+            model_grid = data.pop("grid", None) or {}
+        values.update(data)
+        if path.parent.name == "model" and dataset in per_dataset:
+            block = per_dataset[dataset] or {}
+            unknown = [k for k in block if k not in values and k != "grid"]
+            if unknown:
+                raise ConfigError(f"{path}: dataset_overrides.{dataset} sets unknown key {unknown[0]!r}"
+                                  f"{_suggest(unknown[0], values)}")
+            if "grid" in block:
+                model_grid = {**model_grid, **(block.pop("grid") or {})}
+            values.update(block)
+    if grid:
+        for key, options in model_grid.items():
+            if not isinstance(options, list):
+                raise ConfigError(f"grid.{key} must be a list of values")
+            values[key] = options
+            hyper = _merge_hyper(hyper, [key])
+    values["model"] = model
+    values["dataset"] = dataset
+    # command line
+    items = overrides.items() if isinstance(overrides, dict) else (parse_set(s) for s in overrides or [])
+    for key, value in items:
+        if key == "hyper_parameters":
+            hyper = list(value or [])
+            continue
+        if key not in values:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, values)}; "
+                              "known keys are listed by `python main.py show -m MODEL -d DATASET`")
+        values[key] = value
+    # a grid key keeps a list of 2+ values; a one-element list or a scalar fixes it (the grid shrinks)
+    grid_keys = []
+    for key in hyper:
+        if key not in values:
+            raise ConfigError(f"hyper_parameters names {key!r} but no layer sets it{_suggest(key, values)}")
+        if isinstance(values[key], list) and len(values[key]) == 1:
+            values[key] = values[key][0]
+        if isinstance(values[key], list):
+            grid_keys.append(key)
+    values["hyper_parameters"] = grid_keys
+    return Config(values)
+
+
+def grid_points(config: Config) -> Iterator[tuple[dict[str, Any], Config]]:
+    """Cartesian product over ``config['hyper_parameters']`` (last key fastest), as in MMRec."""
+    keys = list(config.get("hyper_parameters") or [])
+    lists = [config[k] for k in keys]
+    for combo in itertools.product(*lists):
+        point = dict(zip(keys, combo))
+        cfg = config.copy()
+        for k, v in point.items():
+            cfg[k] = v
+        cfg["hyper_parameters"] = []
+        yield point, cfg
+
+
+def grid_size(config: Config) -> int:
+    n = 1
+    for k in config.get("hyper_parameters") or []:
+        n *= len(config[k])
+    return n

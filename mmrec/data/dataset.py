@@ -1,0 +1,267 @@
+"""Loading MMRec-format data: ``<name>.inter`` (userID itemID rating timestamp x_label, tab-separated,
+with a header) plus ``image_feat.npy`` / ``text_feat.npy`` (row i = item i).
+
+Everything is validated before any model is built; each problem is one line naming the file, the field
+and the fix (``DataError``).  Splits: ``x_label`` (MMRec: 0 train, 1 valid, 2 test) or ``random`` (a fresh
+per-user split with MMRec's labelling rule, seeded by ``split_seed``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from mmrec.cache import ArtifactCache
+
+log = logging.getLogger(__name__)
+
+AMAZON_DATASETS = {"baby", "sports", "clothing", "elec", "electronics"}
+DRIVE_URL = "https://drive.google.com/drive/folders/13cBy1EA_saTUuXxVllKgtfci2A09jyaG"
+MODALITIES = {"v": "vision_feature_file", "t": "text_feature_file"}
+
+
+class DataError(ValueError):
+    """Bad or missing input data, reported before training starts."""
+
+
+def _resolve_data_dir(config) -> Path:
+    from mmrec.config import ROOT
+
+    base = Path(config["data_path"])
+    if not base.is_absolute():
+        base = ROOT / base
+    return base / config["dataset"]
+
+
+def _missing_message(folder: Path, config) -> str:
+    name = config["dataset"]
+    expected = [config.get("inter_file_name") or f"{name}.inter", config.get("vision_feature_file"),
+                config.get("text_feature_file")]
+    expected = [e for e in expected if e]
+    msg = (f"dataset folder {folder} is missing or incomplete: expected {', '.join(expected)} there "
+           f"(MMRec format, see README 'Datasets').")
+    if name.lower() in AMAZON_DATASETS:
+        msg += f" Download the '{name}' folder from MMRec's Google Drive ({DRIVE_URL}) into {folder.parent}/."
+    return msg
+
+
+def mmrec_split_labels(users: np.ndarray, seed: int) -> np.ndarray:
+    """MMRec's per-user labelling on a fresh shuffle: users with < 10 interactions put one interaction
+    in valid and one in test; others floor(0.2 n) in valid+test, floor(half of that) in valid, the rest
+    in test.  Vectorised; returns x_label (0/1/2) aligned with ``users``."""
+    rng = np.random.default_rng(seed)
+    n = users.shape[0]
+    order = np.lexsort((rng.random(n), users))  # group by user, random order inside each user
+    sorted_users = users[order]
+    counts = np.bincount(sorted_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(n) - starts[sorted_users]
+    cnt = counts[sorted_users]
+    n_vt = np.where(cnt < 10, 2, np.floor(0.2 * cnt).astype(np.int64))
+    n_valid = np.where(cnt < 10, 1, n_vt // 2)
+    n_train = cnt - n_vt
+    label_sorted = np.where(rank < n_train, 0, np.where(rank < n_train + n_valid, 1, 2))
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = label_sorted
+    return labels
+
+
+class RecDataset:
+    """One dataset, split into train / valid / test, with its item features.
+
+    Attributes: ``n_users``, ``n_items``, ``train_matrix`` / ``valid_matrix`` / ``test_matrix`` (CSR,
+    users x items, 1.0 per interaction), ``train_users`` / ``train_items`` (int64 arrays), ``features``
+    (dict 'v'/'t' -> float32 array, only those configured), ``cache`` (ArtifactCache).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.name = config["dataset"]
+        folder = _resolve_data_dir(config)
+        generated = (folder / "meta.json").exists() or not folder.exists()
+        if generated and (self.name == "mini" or self.name in _synthetic_presets()):
+            from utils.synth import ensure_dataset  # synthetic presets are generated on first use
+
+            ensure_dataset(folder.parent, self.name)
+        self.folder = folder
+        inter_path = folder / (config.get("inter_file_name") or f"{self.name}.inter")
+        feature_paths = {m: folder / config[key] for m, key in MODALITIES.items() if config.get(key)}
+        if not folder.is_dir() or not inter_path.exists():
+            raise DataError(_missing_message(folder, config))
+        for m, path in feature_paths.items():
+            if not path.exists():
+                raise DataError(_missing_message(folder, config) + f" Missing: {path.name}.")
+        users, items, labels = self._read_inter(inter_path)
+        self.n_users = int(users.max()) + 1
+        self.n_items = int(items.max()) + 1
+        split = config.get("split", "x_label")
+        if split == "random":
+            labels = mmrec_split_labels(users, int(config["split_seed"]))
+        elif split != "x_label":
+            raise DataError(f"config 'split' is {split!r}: use x_label or random")
+        self._build_splits(inter_path, users, items, labels)
+        self.features = {m: self._read_features(path, m) for m, path in feature_paths.items()}
+        self._feature_hashes: dict[str, str] = {}
+        self._feature_paths = feature_paths
+        cache_dir = config.get("cache_dir")
+        if cache_dir:
+            from mmrec.config import ROOT
+
+            cache_dir = Path(cache_dir)
+            cache_dir = cache_dir if cache_dir.is_absolute() else ROOT / cache_dir
+        self.cache = ArtifactCache(cache_dir)
+
+    # ------------------------------------------------------------------------------------------
+    def _read_inter(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cfg = self.config
+        sep = cfg.get("field_separator", "\t")
+        with open(path) as fh:
+            header = fh.readline().rstrip("\n").split(sep)
+        need = [cfg["USER_ID_FIELD"], cfg["ITEM_ID_FIELD"]]
+        if cfg.get("split", "x_label") == "x_label":
+            need.append(cfg["inter_splitting_label"])
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise DataError(f"{path}: missing column {missing[0]!r} (header has {header}); "
+                            f"fix the header or set USER_ID_FIELD / ITEM_ID_FIELD / inter_splitting_label "
+                            f"in configs/dataset/{self.name}.yaml")
+        cols = [header.index(c) for c in need]
+        try:
+            raw = np.loadtxt(path, delimiter=sep, skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
+        except ValueError as err:
+            raise DataError(self._locate_bad_value(path, sep, need, cols)) from err
+        if raw.shape[0] == 0:
+            raise DataError(f"{path}: no interactions after the header")
+        for j, name in enumerate(need):
+            col = raw[:, j]
+            bad = np.flatnonzero((col != np.floor(col)) | (col < 0))
+            if bad.size:
+                raise DataError(f"{path}: column {name!r} row {bad[0] + 2} has {col[bad[0]]!r}; ids and "
+                                "labels must be non-negative integers (re-index ids to 0..n-1)")
+        users = raw[:, 0].astype(np.int64)
+        items = raw[:, 1].astype(np.int64)
+        if len(need) == 3:
+            labels = raw[:, 2].astype(np.int64)
+            bad = np.flatnonzero(labels > 2)
+            if bad.size:
+                raise DataError(f"{path}: column {need[2]!r} row {bad[0] + 2} is {labels[bad[0]]}; "
+                                "x_label must be 0 (train), 1 (valid) or 2 (test)")
+        else:
+            labels = np.zeros_like(users)
+        return users, items, labels
+
+    @staticmethod
+    def _locate_bad_value(path: Path, sep: str, names: list[str], cols: list[int]) -> str:
+        """Error path only: find the first line whose field is not an integer."""
+        with open(path) as fh:
+            next(fh)
+            for line_no, line in enumerate(fh, start=2):
+                fields = line.rstrip("\n").split(sep)
+                for name, c in zip(names, cols):
+                    value = fields[c] if c < len(fields) else ""
+                    try:
+                        int(value)
+                    except ValueError:
+                        return (f"{path}: column {name!r} row {line_no} has {value!r}, not an integer; ids "
+                                "must be 0-based integers and x_label 0/1/2")
+        return f"{path}: could not parse columns {names} as integers"
+
+    def _build_splits(self, path: Path, users, items, labels) -> None:
+        names = {0: "train", 1: "valid", 2: "test"}
+        for lab, split_name in names.items():
+            sel = labels == lab
+            keys = users[sel] * self.n_items + items[sel]
+            uniq, counts = np.unique(keys, return_counts=True)
+            dup = np.flatnonzero(counts > 1)
+            if dup.size:
+                k = uniq[dup[0]]
+                raise DataError(f"{path}: the {split_name} split has {int((counts[dup] - 1).sum())} "
+                                f"duplicate (user, item) rows, first ({k // self.n_items}, {k % self.n_items}); "
+                                "de-duplicate the file before use")
+        train = labels == 0
+        if not train.any():
+            raise DataError(f"{path}: no training interactions (x_label 0)")
+        self.train_users = users[train]
+        self.train_items = items[train]
+        shape = (self.n_users, self.n_items)
+        self.train_matrix = self._csr(self.train_users, self.train_items, shape)
+        has_train = np.bincount(self.train_users, minlength=self.n_users) > 0
+        for lab, split_name in ((1, "valid"), (2, "test")):
+            sel = labels == lab
+            u, i = users[sel], items[sel]
+            if self.config.get("filter_out_cod_start_users", True):
+                warm = has_train[u]
+                u, i = u[warm], i[warm]
+            setattr(self, f"{split_name}_matrix", self._csr(u, i, shape))
+        # a (user, item) pair in two splits would leak
+        for split_name in ("valid", "test"):
+            overlap = self.train_matrix.multiply(getattr(self, f"{split_name}_matrix")).nnz
+            if overlap:
+                raise DataError(f"{path}: {overlap} (user, item) pairs appear in both train and "
+                                f"{split_name}; each interaction must have one x_label")
+        self.n_train = int(self.train_users.shape[0])
+
+    @staticmethod
+    def _csr(u, i, shape) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=shape)
+
+    def _read_features(self, path: Path, modality: str) -> np.ndarray:
+        try:
+            feats = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise DataError(f"{path}: not a readable .npy array ({err})") from err
+        if feats.ndim != 2:
+            raise DataError(f"{path}: expected a 2-d array (items x dims), got shape {feats.shape}")
+        if feats.shape[0] != self.n_items:
+            raise DataError(f"{path}: {feats.shape[0]} rows but the interaction file has {self.n_items} "
+                            "items (max itemID + 1); row i must hold item i's features")
+        feats = np.array(feats, dtype=np.float32)
+        finite = np.isfinite(feats)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise DataError(f"{path}: row {row} (item {row}) has NaN or infinite values; "
+                            "impute or zero them before use")
+        return feats
+
+    # ------------------------------------------------------------------------------------------
+    def feature_hash(self, modality: str) -> str:
+        """SHA-256 of a feature file's bytes (cache keys depend on it)."""
+        if modality not in self._feature_hashes:
+            h = hashlib.sha256()
+            with open(self._feature_paths[modality], "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+            self._feature_hashes[modality] = h.hexdigest()
+        return self._feature_hashes[modality]
+
+    @property
+    def train_fingerprint(self) -> str:
+        """Hash of the training split only (derived artifacts must not depend on valid/test)."""
+        if not hasattr(self, "_train_fp"):
+            h = hashlib.sha256()
+            h.update(np.int64([self.n_users, self.n_items]).tobytes())
+            coo = self.train_matrix.tocoo()
+            order = np.lexsort((coo.col, coo.row))
+            h.update(coo.row[order].astype(np.int64).tobytes())
+            h.update(coo.col[order].astype(np.int64).tobytes())
+            self._train_fp = h.hexdigest()
+        return self._train_fp
+
+    def eval_matrix(self, split: str) -> sp.csr_matrix:
+        return {"valid": self.valid_matrix, "test": self.test_matrix}[split]
+
+    def summary(self) -> str:
+        return (f"{self.name}: {self.n_users} users, {self.n_items} items, {self.n_train} train / "
+                f"{self.valid_matrix.nnz} valid / {self.test_matrix.nnz} test interactions, "
+                f"features {', '.join(f'{m}:{f.shape[1]}' for m, f in self.features.items())}")
+
+
+def _synthetic_presets() -> set[str]:
+    try:
+        from utils.synth import PRESETS
+    except ImportError:
+        return set()
+    return set(PRESETS)

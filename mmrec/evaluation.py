@@ -1,0 +1,124 @@
+"""Full-ranking top-K evaluation, defined exactly as MMRec defines its metrics
+(``src/utils/metrics.py``, ``src/utils/topk_evaluator.py``), computed on tensors in user blocks.
+
+For a user u with ground-truth set T_u (the user's items in the evaluated split) and a ranking of all
+items with u's *training* items removed, let hit_r = 1 if the item at rank r is in T_u:
+
+- Recall@K    = sum_{r<=K} hit_r / |T_u|
+- Precision@K = sum_{r<=K} hit_r / K
+- NDCG@K      = sum_{r<=K} hit_r / log2(r + 1)  /  sum_{r=1}^{min(|T_u|, K)} 1 / log2(r + 1)
+- MAP@K       = sum_{r<=K} hit_r * Precision@r  /  min(|T_u|, K)
+
+Each metric is averaged over the users that have at least one item in the split.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+METRICS = ("recall", "ndcg", "precision", "map")
+
+
+def topk_metrics(hits: torch.Tensor, n_pos: torch.Tensor, ks: list[int],
+                 metrics=METRICS) -> dict[str, torch.Tensor]:
+    """Per-user metric values.  ``hits``: [users, maxK] 0/1 in rank order; ``n_pos``: [users] = |T_u|.
+    Returns {'recall@10': tensor[users], ...}."""
+    hits = hits.to(torch.float64)
+    n_pos = n_pos.to(torch.float64)
+    max_k = hits.shape[1]
+    ranks = torch.arange(1, max_k + 1, dtype=torch.float64, device=hits.device)
+    cum_hits = hits.cumsum(dim=1)
+    discount = 1.0 / torch.log2(ranks + 1.0)
+    dcg = (hits * discount).cumsum(dim=1)
+    idcg_table = discount.cumsum(dim=0)
+    prec_at_r = cum_hits / ranks
+    ap_sum = (prec_at_r * hits).cumsum(dim=1)
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        if k > max_k:
+            raise ValueError(f"topk {k} exceeds the {max_k} ranked items")
+        denom_len = torch.clamp(n_pos, max=k)
+        for name in metrics:
+            if name == "recall":
+                val = cum_hits[:, k - 1] / n_pos
+            elif name == "precision":
+                val = cum_hits[:, k - 1] / k
+            elif name == "ndcg":
+                idcg = idcg_table[(denom_len - 1).long()]
+                val = dcg[:, k - 1] / idcg
+            elif name == "map":
+                val = ap_sum[:, k - 1] / denom_len
+            else:
+                raise ValueError(f"unknown metric {name!r}; use {', '.join(METRICS)}")
+            out[f"{name}@{k}"] = val
+    return out
+
+
+def _row_keys(matrix: sp.csr_matrix, rows: np.ndarray, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local_row, col) index tensors of the non-zeros of ``matrix[rows]``."""
+    sub = matrix[rows].tocoo()
+    return torch.from_numpy(sub.row.astype(np.int64)), torch.from_numpy(sub.col.astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate(model, dataset, split: str, ks: list[int], metrics=METRICS, batch_users: int = 2048,
+             keep_topk: int = 0, per_user: bool = False) -> dict:
+    """Full ranking over all items for every user with items in ``split`` ('valid' or 'test').
+
+    The user's training items are excluded from the ranking.  Returns {'metrics': {name: mean},
+    'users': array, optionally 'topk' ([users, keep_topk] item ids) and 'per_user' ({name: array})}.
+    The model is put in eval mode and its forward is computed once for the pass (``start_evaluation``).
+    """
+    truth = dataset.eval_matrix(split).tocsr()
+    truth.sort_indices()
+    train = dataset.train_matrix.tocsr()
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    max_k = max(max(ks), keep_topk)
+    n_items = dataset.n_items
+    device = getattr(model, "device", torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    model.eval_split = split
+    model.start_evaluation()
+    sums = {f"{m}@{k}": 0.0 for m in metrics for k in ks}
+    per_user_vals: dict[str, list] = {name: [] for name in sums} if per_user else {}
+    top_lists = []
+    try:
+        for start in range(0, len(users), batch_users):
+            block = users[start:start + batch_users]
+            scores = model.full_sort_predict({"users": torch.from_numpy(block).to(device)})
+            if scores.shape != (len(block), n_items):
+                raise RuntimeError(f"{type(model).__name__}.full_sort_predict returned shape "
+                                   f"{tuple(scores.shape)}, expected ({len(block)}, {n_items})")
+            scores = scores.float().clone()
+            r, c = _row_keys(train, block, n_items)
+            scores[r.to(device), c.to(device)] = -torch.inf
+            top = torch.topk(scores, min(max_k, n_items), dim=1).indices.cpu()
+            tr, tc = _row_keys(truth, block, n_items)
+            truth_keys = tr * n_items + tc  # sorted: rows ascending, columns sorted within rows
+            local = torch.arange(len(block)).unsqueeze(1)
+            top_keys = local * n_items + top
+            pos = torch.searchsorted(truth_keys, top_keys).clamp_max(max(truth_keys.numel() - 1, 0))
+            hits = truth_keys[pos] == top_keys
+            if hits.shape[1] < max(ks):  # fewer items than K: the missing ranks are misses
+                hits = torch.nn.functional.pad(hits, (0, max(ks) - hits.shape[1]))
+            n_pos = torch.from_numpy(np.diff(truth.indptr)[block].astype(np.int64))
+            vals = topk_metrics(hits[:, : max(ks)], n_pos, ks, metrics)
+            for name, v in vals.items():
+                sums[name] += float(v.sum())
+                if per_user:
+                    per_user_vals[name].append(v.numpy())
+            if keep_topk:
+                top_lists.append(top[:, :keep_topk].numpy())
+    finally:
+        model.end_evaluation()
+        model.eval_split = None
+        model.train(was_training)
+    n = max(len(users), 1)
+    result = {"metrics": {name: s / n for name, s in sums.items()}, "users": users}
+    if keep_topk:
+        result["topk"] = np.concatenate(top_lists) if top_lists else np.zeros((0, keep_topk), np.int64)
+    if per_user:
+        result["per_user"] = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_user_vals.items()}
+    return result

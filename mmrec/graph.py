@@ -1,0 +1,228 @@
+"""Shared graph primitives: bipartite adjacency flavours, LightGCN propagation, cosine kNN, kNN
+normalisations and degree-sensitive edge pruning.  Every model calls these; none re-implements them.
+
+Flavours (BASELINES.md section 1):
+- adjacency: ``sym`` (D^-1/2 A D^-1/2, exact degrees, 1/0 -> 0: MGCN, SMORE, MAGNET),
+  ``sym_eps`` (degrees + 1e-7: MMRec LightGCN, FREEDOM), ``rw_self_loop`` (D~^-1 (A + I): LATTICE).
+- kNN normalisation: ``raw`` (kept cosine values, MAGNET), ``bin`` (binary, row-degree sym-norm:
+  FREEDOM, MENTOR), ``sim`` (cosine values / sqrt(r_i r_j) with row sums: MGCN, SMORE, GUME, CMDL,
+  LATTICE), ``sim_soil`` (``sim`` clamped to >= 1e-7: SOIL).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+DEGREE_EPS = 1e-7
+AdjFlavour = Literal["sym", "sym_eps", "rw_self_loop"]
+KnnFlavour = Literal["raw", "bin", "sim", "sim_soil"]
+
+
+# ----------------------------------------------------------------------------------------------
+# conversions
+def to_torch_sparse(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
+    """scipy sparse -> coalesced float32 torch COO tensor on `device`."""
+    coo = sp.coo_matrix(matrix)
+    indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    values = torch.from_numpy(coo.data.astype(np.float32))
+    return torch.sparse_coo_tensor(indices, values, coo.shape, device=device, check_invariants=False).coalesce()
+
+
+def sparse_from_edges(rows, cols, values, shape, device="cpu") -> torch.Tensor:
+    """Build a coalesced COO tensor from index/value tensors (duplicates are summed)."""
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    cols = torch.as_tensor(cols, dtype=torch.long, device=device)
+    values = torch.as_tensor(values, dtype=torch.float32, device=device)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, device=device,
+                                   check_invariants=False).coalesce()
+
+
+# ----------------------------------------------------------------------------------------------
+# user-item adjacency
+def bipartite_adjacency(train: sp.spmatrix, item_item: sp.spmatrix | None = None) -> sp.csr_matrix:
+    """A = [[0, Y], [Y^T, S]] of size (U+I) x (U+I); S (item-item block) defaults to 0."""
+    train = sp.csr_matrix(train, dtype=np.float32)
+    n_users, n_items = train.shape
+    item_block = item_item if item_item is not None else sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    return sp.bmat([[sp.csr_matrix((n_users, n_users), dtype=np.float32), train],
+                    [train.T, item_block]], format="csr", dtype=np.float32)
+
+
+def inverse_sqrt_degree(degree: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """(d + eps)^-1/2 with the inverse of a zero degree set to 0."""
+    degree = np.asarray(degree, dtype=np.float64).ravel() + eps
+    with np.errstate(divide="ignore"):
+        inv = np.power(degree, -0.5)
+    inv[~np.isfinite(inv)] = 0.0
+    return inv
+
+
+def sym_normalize(adj: sp.spmatrix, degree_eps: float = 0.0) -> sp.csr_matrix:
+    """D^-1/2 A D^-1/2 with D the row sums of A (LightGCN's normalisation, Eq. 4 of MAGNET)."""
+    adj = sp.csr_matrix(adj)
+    d = inverse_sqrt_degree(adj.sum(axis=1), degree_eps)
+    return sp.csr_matrix(sp.diags(d) @ adj @ sp.diags(d), dtype=np.float32)
+
+
+def rw_normalize_self_loops(adj: sp.spmatrix) -> sp.csr_matrix:
+    """D~^-1 (A + I), D~ the row sums of A + I (LATTICE's UI graph; not symmetric)."""
+    adj = sp.csr_matrix(adj) + sp.identity(adj.shape[0], dtype=np.float32, format="csr")
+    deg = np.asarray(adj.sum(axis=1), dtype=np.float64).ravel()
+    with np.errstate(divide="ignore"):
+        inv = 1.0 / deg
+    inv[~np.isfinite(inv)] = 0.0
+    return sp.csr_matrix(sp.diags(inv) @ adj, dtype=np.float32)
+
+
+def norm_adjacency(train: sp.spmatrix, flavour: AdjFlavour = "sym",
+                   item_item: sp.spmatrix | None = None) -> sp.csr_matrix:
+    """Normalised (U+I) x (U+I) adjacency of the training interactions in one of the named flavours."""
+    adj = bipartite_adjacency(train, item_item)
+    if flavour == "sym":
+        return sym_normalize(adj)
+    if flavour == "sym_eps":
+        binary = adj.copy()
+        binary.data[:] = 1.0  # MMRec LightGCN / FREEDOM count (A > 0) for degrees
+        d = inverse_sqrt_degree(binary.sum(axis=1), DEGREE_EPS)
+        return sp.csr_matrix(sp.diags(d) @ adj @ sp.diags(d), dtype=np.float32)
+    if flavour == "rw_self_loop":
+        return rw_normalize_self_loops(adj)
+    raise ValueError(f"unknown adjacency flavour {flavour!r}; use one of sym, sym_eps, rw_self_loop")
+
+
+def user_item_block(norm_adj: sp.spmatrix, n_users: int) -> sp.csr_matrix:
+    """R = the user-item block of a normalised (U+I) adjacency (R[u, i] = 1/sqrt(d_u d_i) for sym)."""
+    return sp.csr_matrix(norm_adj)[:n_users, n_users:]
+
+
+# ----------------------------------------------------------------------------------------------
+# propagation
+def propagate(adj: torch.Tensor, ego: torch.Tensor, n_layers: int, readout: str = "mean") -> torch.Tensor:
+    """LightGCN propagation H_{l+1} = A H_l; readout ``mean`` over layers 0..L (Eq. 5), ``sum``,
+    or ``last``."""
+    layers = [ego]
+    h = ego
+    for _ in range(n_layers):
+        h = torch.sparse.mm(adj, h)
+        layers.append(h)
+    if readout == "mean":
+        return torch.stack(layers, dim=0).mean(dim=0)
+    if readout == "sum":
+        return torch.stack(layers, dim=0).sum(dim=0)
+    if readout == "last":
+        return h
+    raise ValueError(f"unknown readout {readout!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN
+def l2_normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    norm = x.norm(dim=1, keepdim=True)
+    return x / norm.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def cosine_topk(features: np.ndarray | torch.Tensor, k: int, include_self: bool = True,
+                block_size: int = 2048, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine neighbours of every row, computed in row blocks (never a dense n x n matrix).
+
+    Returns (indices int64 [n, k], values float32 [n, k]), each row sorted by decreasing similarity.
+    With ``include_self`` the row itself (similarity 1) competes like any other item (MMRec);
+    otherwise it is excluded and every row gets k real neighbours (MAGNET).
+    """
+    x = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features,
+                        dtype=torch.float32, device=device)
+    n = x.shape[0]
+    k_eff = min(k, n if include_self else n - 1)
+    if k_eff < 1:
+        raise ValueError(f"kNN needs k >= 1 neighbours, got k={k} for {n} rows")
+    x = l2_normalize_rows(x)
+    out_idx = np.empty((n, k_eff), dtype=np.int64)
+    out_val = np.empty((n, k_eff), dtype=np.float32)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        sim = x[start:stop] @ x.T  # [b, n]
+        if not include_self:
+            rows = torch.arange(stop - start, device=x.device)
+            sim[rows, rows + start] = -float("inf")
+        val, idx = torch.topk(sim, k_eff, dim=1)
+        out_idx[start:stop] = idx.cpu().numpy()
+        out_val[start:stop] = val.cpu().numpy()
+    return out_idx, out_val
+
+
+def knn_matrix(indices: np.ndarray, values: np.ndarray, n: int, flavour: KnnFlavour = "sim",
+               degree_eps: float = 0.0) -> sp.csr_matrix:
+    """Row-wise kNN lists -> normalised sparse n x n matrix in one of the named flavours.
+
+    ``bin`` uses row degrees on both sides (every value 1/(k + degree_eps)); ``sim`` divides each kept
+    cosine by sqrt(r_i r_j), r the row sums of kept similarities (not symmetrised); ``sim_soil`` clamps
+    the result to at least 1e-7; ``raw`` keeps the cosine values.
+    """
+    rows = np.repeat(np.arange(n), indices.shape[1])
+    cols = indices.ravel()
+    vals = values.ravel().astype(np.float64)
+    if flavour == "raw":
+        out = vals
+    elif flavour == "bin":
+        ones = np.ones_like(vals)
+        deg = np.bincount(rows, weights=ones, minlength=n)
+        d = inverse_sqrt_degree(deg, degree_eps)
+        out = d[rows] * d[cols]
+    elif flavour in ("sim", "sim_soil"):
+        deg = np.bincount(rows, weights=vals, minlength=n)
+        d = inverse_sqrt_degree(deg, degree_eps)
+        out = vals * d[rows] * d[cols]
+        if flavour == "sim_soil":
+            out = np.maximum(out, 1e-7)
+    else:
+        raise ValueError(f"unknown kNN flavour {flavour!r}; use one of raw, bin, sim, sim_soil")
+    return sp.csr_matrix((out.astype(np.float32), (rows, cols)), shape=(n, n))
+
+
+def cached_knn(dataset, modality: str, k: int, include_self: bool = True,
+               block_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k lists of one modality's raw features, cached on disk keyed by the feature hash."""
+    feats = dataset.features[modality]
+    key = {"features": dataset.feature_hash(modality), "k": int(k), "include_self": bool(include_self)}
+    arrays = dataset.cache.get_or_build(
+        "cosine_knn", key,
+        lambda: dict(zip(("indices", "values"), cosine_topk(feats, k, include_self, block_size))))
+    return arrays["indices"], arrays["values"]
+
+
+def knn_graph(dataset, modality: str, k: int, flavour: KnnFlavour, include_self: bool = True,
+              degree_eps: float = 0.0) -> sp.csr_matrix:
+    """Normalised item-item kNN graph of one modality (cached lists, then the named normalisation)."""
+    idx, val = cached_knn(dataset, modality, k, include_self)
+    return knn_matrix(idx, val, dataset.n_items, flavour, degree_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# degree-sensitive edge pruning (FREEDOM; reused by the ITCoHD-MRec reconstruction)
+def bipartite_sym_weights(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int,
+                          degree_eps: float = DEGREE_EPS) -> torch.Tensor:
+    """1/sqrt(d_u d_i) for each (u, i) edge, degrees counted over the given edges (+ eps)."""
+    du = torch.bincount(users, minlength=n_users).float() + degree_eps
+    di = torch.bincount(items, minlength=n_items).float() + degree_eps
+    return du.pow(-0.5)[users] * di.pow(-0.5)[items]
+
+
+def degree_sensitive_prune(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int,
+                           drop_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """FREEDOM's pruned graph: keep int(|E| (1 - drop_ratio)) edges sampled without replacement with
+    probability proportional to 1/sqrt(d_u d_i), re-normalise the kept edges with their own degrees
+    (+1e-7) and mirror them into a (U+I) x (U+I) sparse tensor."""
+    weights = bipartite_sym_weights(users, items, n_users, n_items)
+    n_keep = int(users.numel() * (1.0 - drop_ratio))  # IEEE double truncation, as the reference
+    keep = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+    ku, ki = users[keep], items[keep]
+    kv = bipartite_sym_weights(ku, ki, n_users, n_items)
+    n = n_users + n_items
+    rows = torch.cat([ku, ki + n_users])
+    cols = torch.cat([ki + n_users, ku])
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.cat([kv, kv]), (n, n),
+                                   check_invariants=False).coalesce()

@@ -1,0 +1,78 @@
+"""Shared loss functions (BASELINES.md section 1.3).  Every model calls these.
+
+- ``bpr_loss(pos, neg, variant)``: ``mean`` (-logsigmoid, no epsilon), ``eps`` (-ln(1e-10 + sigmoid):
+  MMRec BPR/LightGCN), ``log2`` (-log2 sigmoid: MENTOR).
+- ``emb_loss``: MMRec's EmbLoss, the sum of *non-squared* Frobenius norms divided by the batch size.
+- ``half_sq``: 0.5 * sum of squared norms / configured batch size.
+- ``info_nce``: in-batch InfoNCE on L2-normalised views, positives on the diagonal.
+- ``mean_var_alignment``: |var(X) - var(Y)| + |mean(X) - mean(Y)| over whole tensors.
+- ``simgcl_perturb``: x + sign(x) * normalize(U[0,1) noise) * eps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor, variant: str = "mean") -> torch.Tensor:
+    diff = pos_scores - neg_scores
+    if variant == "mean":
+        return -F.logsigmoid(diff).mean()
+    if variant == "eps":
+        return -torch.log(1e-10 + torch.sigmoid(diff)).mean()
+    if variant == "log2":
+        return -(F.logsigmoid(diff) / math.log(2.0)).mean()
+    raise ValueError(f"unknown BPR variant {variant!r}; use mean, eps or log2")
+
+
+def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:
+    """MMRec EmbLoss: (sum of Frobenius norms, not squared) / batch size (rows of the first tensor)."""
+    total = sum(torch.norm(e, p=2) for e in embeddings)
+    return total / embeddings[0].shape[0]
+
+
+def half_sq(*embeddings: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """0.5 * (sum of squared Frobenius norms) / the configured train batch size."""
+    return 0.5 * sum(e.pow(2).sum() for e in embeddings) / batch_size
+
+
+def info_nce(view1: torch.Tensor, view2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch InfoNCE: row i of view1 against all rows of view2 (positive = row i), mean over rows."""
+    z1 = F.normalize(view1, dim=1)
+    z2 = F.normalize(view2, dim=1)
+    logits = z1 @ z2.T / temperature
+    return (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
+
+
+def info_nce_blocked(view1: torch.Tensor, view2: torch.Tensor, temperature: float,
+                     block_size: int = 4096) -> torch.Tensor:
+    """Exact ``info_nce`` computed in row blocks, so no n x n matrix is held at once (each block is
+    recomputed in the backward pass via checkpointing)."""
+    from torch.utils.checkpoint import checkpoint
+
+    z1 = F.normalize(view1, dim=1)
+    z2 = F.normalize(view2, dim=1)
+
+    def block_loss(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        logits = a @ b.T / temperature
+        s = int(start.item())
+        pos = logits[torch.arange(a.shape[0], device=a.device), torch.arange(s, s + a.shape[0], device=a.device)]
+        return (torch.logsumexp(logits, dim=1) - pos).sum()
+
+    total = z1.new_zeros(())
+    for s in range(0, z1.shape[0], block_size):
+        part = z1[s:s + block_size]
+        total = total + checkpoint(block_loss, part, z2, torch.tensor(s), use_reentrant=False)
+    return total / z1.shape[0]
+
+
+def mean_var_alignment(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|var(x) - var(y)| + |mean(x) - mean(y)|, scalars over all elements (unbiased variance)."""
+    return (x.var() - y.var()).abs() + (x.mean() - y.mean()).abs()
+
+
+def simgcl_perturb(x: torch.Tensor, eps: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return x + torch.sign(x) * F.normalize(noise, dim=-1) * eps

@@ -1,0 +1,108 @@
+"""The model contract (MMRec's, with a few additions that keep the trainer model-agnostic).
+
+```python
+class MyModel(GeneralRecommender):
+    def __init__(self, config, dataset): ...
+    def calculate_loss(self, interaction) -> Tensor | dict[str, Tensor]
+    def full_sort_predict(self, interaction) -> Tensor        # [batch users, n_items]
+    def pre_epoch_processing(self) -> None                    # optional
+    def post_epoch_processing(self) -> str | None             # optional, returned text is logged
+    def epoch_stats(self) -> dict[str, float]                 # optional, logged per epoch
+    def extra_results(self) -> dict                           # optional, stored in result.json
+```
+``interaction`` is a dict with LongTensors ``users``, ``pos_items``, ``neg_items`` (training) or
+``users`` (evaluation), already on the model's device.  A dict returned by ``calculate_loss`` holds
+named loss parts; the trainer optimises their sum and logs each part per epoch.
+
+Evaluation caching: the trainer wraps every evaluation pass in ``start_evaluation()`` /
+``end_evaluation()``; inside a pass ``self.cached(name, fn)`` computes ``fn()`` once and returns the
+same tensors for every user block, so a deterministic full forward runs once per pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmrec import graph
+
+
+class AbstractRecommender(nn.Module):
+    #: set False in a model whose forward is stochastic at evaluation (then nothing is cached)
+    deterministic_eval: bool = True
+
+    def __init__(self, config, dataset):
+        super().__init__()
+        self.config = config
+        self.dataset = dataset
+        self.n_users: int = dataset.n_users
+        self.n_items: int = dataset.n_items
+        self.device = torch.device(config.get("device", "cpu"))
+        self._eval_cache: dict[str, Any] | None = None
+
+    # -- the contract -------------------------------------------------------------------------
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pre_epoch_processing(self) -> None:
+        return None
+
+    def post_epoch_processing(self) -> str | None:
+        return None
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {}
+
+    def extra_results(self) -> dict:
+        return {}
+
+    # -- evaluation pass caching --------------------------------------------------------------
+    def start_evaluation(self) -> None:
+        self._eval_cache = {} if self.deterministic_eval else None
+
+    def end_evaluation(self) -> None:
+        self._eval_cache = None
+
+    def cached(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` once per evaluation pass (outside a pass, or in training, every call)."""
+        if self._eval_cache is None or self.training:
+            return fn()
+        if name not in self._eval_cache:
+            self._eval_cache[name] = fn()
+        return self._eval_cache[name]
+
+
+class GeneralRecommender(AbstractRecommender):
+    """A recommender over users x items with optional item content features.
+
+    Provides ``v_feat`` / ``t_feat`` (float32 tensors on the device, or None), ``train_matrix`` (scipy
+    CSR, training split only) and helpers for the shared graph primitives."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.train_matrix = dataset.train_matrix
+        feats = getattr(dataset, "features", {})
+        self.v_feat = torch.from_numpy(np.asarray(feats["v"])).to(self.device) if "v" in feats else None
+        self.t_feat = torch.from_numpy(np.asarray(feats["t"])).to(self.device) if "t" in feats else None
+        self.embedding_size = int(config.get("embedding_size", 64))
+
+    def norm_adj(self, flavour: graph.AdjFlavour = "sym", item_item=None) -> torch.Tensor:
+        """The normalised (U+I) x (U+I) training adjacency as a torch sparse tensor on the device."""
+        return graph.to_torch_sparse(graph.norm_adjacency(self.train_matrix, flavour, item_item), self.device)
+
+    def item_knn(self, modality: str, k: int, flavour: graph.KnnFlavour, include_self: bool = True,
+                 degree_eps: float = 0.0) -> torch.Tensor:
+        """A normalised item-item kNN graph of one modality ('v' or 't') as a torch sparse tensor."""
+        mat = graph.knn_graph(self.dataset, modality, k, flavour, include_self, degree_eps)
+        return graph.to_torch_sparse(mat, self.device)
+
+    def train_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) LongTensors of the training interactions, on the device."""
+        coo = self.train_matrix.tocoo()
+        return (torch.from_numpy(coo.row.astype(np.int64)).to(self.device),
+                torch.from_numpy(coo.col.astype(np.int64)).to(self.device))

@@ -1,0 +1,55 @@
+"""Model name -> class.  Models are found in ``models/`` by class name (case-insensitive, any file), or
+given as ``package.module:ClassName`` to run a researcher's own GeneralRecommender from anywhere."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import pkgutil
+
+from mmrec.recommender import AbstractRecommender
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def available_models() -> dict[str, type]:
+    import models
+
+    found: dict[str, type] = {}
+    for info in pkgutil.iter_modules(models.__path__):
+        module = importlib.import_module(f"models.{info.name}")
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, AbstractRecommender) and obj.__module__ == module.__name__:
+                found[name] = obj
+    return found
+
+
+def get_model(name: str) -> type:
+    if ":" in name:
+        module_name, cls_name = name.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise RegistryError(f"cannot import {module_name!r} for model {name!r}: {err}") from err
+        cls = getattr(module, cls_name, None)
+        if cls is None or not (inspect.isclass(cls) and issubclass(cls, AbstractRecommender)):
+            raise RegistryError(f"{name!r}: {module_name} has no GeneralRecommender subclass {cls_name!r}")
+        return cls
+    models = available_models()
+    by_lower = {k.lower(): v for k, v in models.items()}
+    key = name.lower().replace("-", "").replace("_", "")
+    for k, v in by_lower.items():
+        if k.replace("_", "") == key:
+            return v
+    close = difflib.get_close_matches(name, list(models), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise RegistryError(f"unknown model {name!r}{hint}; available: {', '.join(sorted(models))}; "
+                        "or pass package.module:ClassName")
+
+
+def canonical_name(name: str) -> str:
+    if ":" in name:
+        return name.split(":", 1)[1]
+    return get_model(name).__name__

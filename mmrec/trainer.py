@@ -1,0 +1,258 @@
+"""One trainer for every model: fit, evaluate, early stopping, checkpoints and resume.
+
+Per epoch (MMRec's order): pre-epoch hook, training batches, LR step, post-epoch hook, validation,
+early-stopping update, and a test pass only when validation improved (the reported test numbers are
+those of the best validation epoch).  Early stopping follows MMRec exactly: the first evaluation sets
+the best; the valid metric, rounded to ``metric_decimals``, must strictly improve; training stops once
+the count of non-improving evaluations exceeds ``stopping_step``.
+
+``last.pth`` (model, optimiser, scheduler, sampler and RNG states, counters) is written atomically after
+every epoch, so ``--resume DIR`` continues an interrupted run to the same result; ``best.pth`` holds
+the weights of the best validation epoch.  A NaN or infinite loss stops the run and keeps the best.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmrec.data.sampler import TrainBatches
+from mmrec.evaluation import evaluate
+
+log = logging.getLogger("mmrec")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def init_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, wd = float(config["learning_rate"]), float(config["weight_decay"])
+    learner = str(config["learner"]).lower()
+    if learner == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if learner == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if learner == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    raise ValueError(f"config 'learner' is {learner!r}: use adam, adamw or sgd")
+
+
+class Trainer:
+    def __init__(self, config, model, dataset, out_dir: Path | None = None):
+        self.config = config
+        self.model = model
+        self.dataset = dataset
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.device = model.device
+        self.ks = sorted(int(k) for k in config["topk"])
+        self.metrics = [m.lower() for m in config["metrics"]]
+        self.valid_metric = str(config["valid_metric"]).lower()
+        if self.valid_metric not in {f"{m}@{k}" for m in self.metrics for k in self.ks}:
+            raise ValueError(f"valid_metric {self.valid_metric!r} is not among the computed metrics "
+                             f"({self.metrics} at {self.ks})")
+        self.decimals = int(config["metric_decimals"])
+        self.batches = TrainBatches(dataset, int(config["train_batch_size"]), int(config["seed"]))
+        self.optimizer = build_optimizer(config, model)
+        a, b = config["learning_rate_scheduler"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: a ** (e / b))
+        self.set_to_none = str(config["optimizer_empty_grad"]).lower() == "skip"
+        self.clip = config.get("clip_grad_norm")
+        # state carried across epochs (and checkpoints)
+        self.epoch = 0
+        self.best_score = -1.0
+        self.best_epoch = -1
+        self.best_valid: dict = {}
+        self.best_test: dict = {}
+        self.bad_evals = 0
+        self.history: list[dict] = []
+        self.stopped_by = "epochs"
+        self.train_times: list[float] = []
+        self.eval_times: list[float] = []
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.batches.state_dict(),
+                "rng": rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_valid": self.best_valid, "best_test": self.best_test, "bad_evals": self.bad_evals,
+                "history": self.history, "train_times": self.train_times, "eval_times": self.eval_times}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        for key in ("epoch", "best_score", "best_epoch", "best_valid", "best_test", "bad_evals", "history",
+                    "train_times", "eval_times"):
+            setattr(self, key, state[key])
+
+    # ------------------------------------------------------------------------------------------
+    def _train_epoch(self) -> dict[str, float]:
+        model = self.model
+        model.train()
+        model.pre_epoch_processing()
+        parts: dict[str, float] = {}
+        total = 0.0
+        n_batches = len(self.batches)
+        iterator = self.batches.epoch()
+        if sys.stderr.isatty() and self.config.get("progress", True):
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, total=n_batches, leave=False, desc=f"epoch {self.epoch}", file=sys.stderr)
+        for batch in iterator:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            self.optimizer.zero_grad(set_to_none=self.set_to_none)
+            out = model.calculate_loss(batch)
+            if isinstance(out, dict):
+                loss = sum(out.values())
+                named = out
+            elif isinstance(out, (tuple, list)):
+                loss = sum(out)
+                named = {f"loss_{i}": v for i, v in enumerate(out)}
+            else:
+                loss, named = out, {}
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss is {value} at epoch {self.epoch}; stopping and keeping the best "
+                                       f"checkpoint (epoch {self.best_epoch}). Lower learning_rate or check "
+                                       "the model's regularisers.")
+            loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.clip))
+            self.optimizer.step()
+            total += value
+            for k, v in named.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        out = {"loss": total / n_batches}
+        out.update({k: v / n_batches for k, v in parts.items()})
+        return out
+
+    def _evaluate(self, split: str, keep_topk: int = 0) -> dict:
+        return evaluate(self.model, self.dataset, split, self.ks, self.metrics,
+                        int(self.config["eval_batch_size"]), keep_topk=keep_topk)
+
+    def fit(self) -> dict:
+        cfg = self.config
+        epochs, eval_step, stopping_step = int(cfg["epochs"]), int(cfg["eval_step"]), int(cfg["stopping_step"])
+        save_topk = int(cfg.get("save_topk", 0) or 0)
+        diverged = None
+        while self.epoch < epochs:
+            t0 = time.perf_counter()
+            try:
+                losses = self._train_epoch()
+            except TrainingDiverged as err:
+                diverged = str(err)
+                self.stopped_by = "diverged"
+                log.error(diverged)
+                break
+            self.scheduler.step()
+            note = self.model.post_epoch_processing()
+            stats = self.model.epoch_stats()
+            train_time = time.perf_counter() - t0
+            self.train_times.append(train_time)
+            record = {"epoch": self.epoch, "train_seconds": round(train_time, 4), **losses, **stats}
+            msg = f"epoch {self.epoch:3d}  train {train_time:6.2f}s  " + "  ".join(
+                f"{k} {v:.4f}" for k, v in losses.items())
+            if stats:
+                msg += "  | " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in stats.items())
+            if note:
+                msg += f"  | {note}"
+            log.info(msg)
+            stop = False
+            if (self.epoch + 1) % eval_step == 0:
+                t1 = time.perf_counter()
+                valid = self._evaluate("valid")["metrics"]
+                self.eval_times.append(time.perf_counter() - t1)
+                score = round(valid[self.valid_metric], self.decimals)
+                improved = score > self.best_score
+                record["valid"] = valid
+                line = (f"          valid {self.valid_metric} {valid[self.valid_metric]:.4f}  "
+                        + "  ".join(f"{k} {valid[k]:.4f}" for k in self._shown(valid))
+                        + f"  eval {self.eval_times[-1]:.2f}s")
+                if improved:
+                    self.best_score, self.best_epoch, self.bad_evals = score, self.epoch, 0
+                    self.best_valid = valid
+                    test_res = self._evaluate("test", keep_topk=save_topk)
+                    self.best_test = test_res["metrics"]
+                    record["test"] = self.best_test
+                    line += "  * best; test " + "  ".join(f"{k} {self.best_test[k]:.4f}"
+                                                         for k in self._shown(self.best_test))
+                    if self.out_dir is not None:
+                        if cfg["checkpoint"]:
+                            atomic_save({"epoch": self.epoch, "model": self.model.state_dict()},
+                                        self.out_dir / "best.pth")
+                        if save_topk:
+                            self._write_topk(test_res)
+                else:
+                    self.bad_evals += 1
+                    stop = self.bad_evals > stopping_step
+                log.info(line)
+            self.history.append(record)
+            self.epoch += 1
+            if stop:
+                self.stopped_by = "early_stopping"
+                log.info(f"early stopping: {self.bad_evals} evaluations without improvement "
+                         f"(stopping_step {stopping_step}); best epoch {self.best_epoch}")
+            if self.out_dir is not None and cfg["checkpoint"]:
+                atomic_save(self.state_dict(), self.out_dir / "last.pth")
+            if stop:
+                break
+        return {"best_epoch": self.best_epoch, "epochs_run": self.epoch, "valid": self.best_valid,
+                "test": self.best_test, "stopped_by": self.stopped_by, "diverged": diverged,
+                "train_seconds": round(sum(self.train_times), 3),
+                "seconds_per_epoch": round(statistics.median(self.train_times), 4) if self.train_times else None,
+                "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
+                "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history}
+
+    def _shown(self, metrics: dict) -> list[str]:
+        return [k for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20") if k in metrics]
+
+    def _write_topk(self, test_res: dict) -> None:
+        path = self.out_dir / "topk_test.tsv"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.write("userID\titems\n")
+            for u, row in zip(test_res["users"], test_res["topk"]):
+                fh.write(f"{u}\t{','.join(map(str, row))}\n")
+        os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Model files: one GeneralRecommender per file, found by name by mmrec.registry."""

@@ -1,0 +1,45 @@
+"""LightGCN: Simplifying and Powering Graph Convolution Network for Recommendation (He et al., SIGIR 2020).
+
+    H^{(l+1)} = D^{-1/2} A D^{-1/2} H^{(l)},      z = 1/(L+1) sum_{l=0..L} H^{(l)},     y_ui = <z_u, z_i>
+
+Matches MMRec's ``lightgcn.py``: Xavier-uniform ID tables, the symmetric adjacency with degrees + 1e-7
+(``sym_eps``), BPR-eps on the final embeddings plus ``reg_weight * EmbLoss`` on the layer-0 (ego)
+embeddings of the batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmrec.graph import propagate
+from mmrec.losses import bpr_loss, emb_loss
+from mmrec.recommender import GeneralRecommender
+
+
+class LightGCN(GeneralRecommender):
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.n_layers = int(config["n_layers"])
+        self.reg_weight = float(config["reg_weight"])
+        self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
+        self.item_embedding = nn.Embedding(self.n_items, self.embedding_size)
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.adj = self.norm_adj("sym_eps")
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
+        z = propagate(self.adj, ego, self.n_layers)  # Eq. (mean over layers 0..L)
+        return z[: self.n_users], z[self.n_users:]
+
+    def calculate_loss(self, interaction):
+        users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
+        zu, zi = self.forward()
+        u, p, n = zu[users], zi[pos_items], zi[neg_items]
+        loss = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "eps")
+        reg = emb_loss(self.user_embedding(users), self.item_embedding(pos_items), self.item_embedding(neg_items))
+        return {"bpr": loss, "reg": self.reg_weight * reg}
+
+    def full_sort_predict(self, interaction):
+        zu, zi = self.cached("forward", self.forward)
+        return zu[interaction["users"]] @ zi.T

@@ -1,0 +1,31 @@
+"""The command line: clear one-line errors before any training starts."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _main(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_missing_amazon_data_exits_nonzero_with_instructions(tmp_path):
+    res = _main("-m", "BPR", "-d", "baby", "--set", f"data_path={tmp_path}")
+    assert res.returncode != 0
+    assert str(tmp_path / "baby") in res.stderr and "baby.inter" in res.stderr
+    assert "drive.google.com" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_key_and_model_suggest_a_fix():
+    res = _main("-m", "LightGCN", "-d", "mini", "--set", "n_layer=3")
+    assert res.returncode == 2 and "did you mean 'n_layers'" in res.stderr
+    res = _main("-m", "LightGNC", "-d", "mini")
+    assert res.returncode == 2 and "did you mean 'LightGCN'" in res.stderr
+
+
+def test_show_prints_resolved_config():
+    res = _main("show", "-m", "LightGCN", "-d", "mini", "--set", "n_layers=3")
+    assert res.returncode == 0 and "n_layers: 3" in res.stdout

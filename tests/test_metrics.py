@@ -1,0 +1,97 @@
+"""Metrics against hand-computed values (MMRec's definitions), including |T_u| < K."""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from mmrec.evaluation import evaluate, topk_metrics
+
+
+def test_metrics_by_hand_single_user():
+    # ranking hits at ranks 1 and 3 out of top-4; the user has 3 relevant items
+    hits = torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)
+    m = topk_metrics(hits, torch.tensor([3]), [2, 4])
+    assert m["recall@2"].item() == pytest.approx(1 / 3)
+    assert m["recall@4"].item() == pytest.approx(2 / 3)
+    assert m["precision@2"].item() == pytest.approx(1 / 2)
+    assert m["precision@4"].item() == pytest.approx(2 / 4)
+    dcg4 = 1 / math.log2(2) + 1 / math.log2(4)
+    idcg4 = 1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)  # min(|T|=3, K=4) = 3 terms
+    assert m["ndcg@4"].item() == pytest.approx(dcg4 / idcg4)
+    idcg2 = 1 / math.log2(2) + 1 / math.log2(3)
+    assert m["ndcg@2"].item() == pytest.approx(1.0 / idcg2)
+    # MAP@4 = (P@1 * 1 + P@3 * 1) / min(3, 4) = (1 + 2/3) / 3
+    assert m["map@4"].item() == pytest.approx((1 + 2 / 3) / 3)
+    assert m["map@2"].item() == pytest.approx(1 / 2)  # (P@1) / min(3, 2)
+
+
+def test_user_with_fewer_relevant_items_than_k():
+    # one relevant item found at rank 2: IDCG uses only min(|T|, K) = 1 term
+    hits = torch.tensor([[0, 1, 0, 0, 0]], dtype=torch.bool)
+    m = topk_metrics(hits, torch.tensor([1]), [5])
+    assert m["recall@5"].item() == pytest.approx(1.0)
+    assert m["ndcg@5"].item() == pytest.approx((1 / math.log2(3)) / 1.0)
+    assert m["map@5"].item() == pytest.approx(0.5)  # P@2 / min(1, 5)
+    assert m["precision@5"].item() == pytest.approx(0.2)
+
+
+class _FixedScores(torch.nn.Module):
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.as_tensor(scores, dtype=torch.float32)
+        self.device = torch.device("cpu")
+
+    def start_evaluation(self):
+        pass
+
+    def end_evaluation(self):
+        pass
+
+    def full_sort_predict(self, interaction):
+        return self.scores[interaction["users"]]
+
+
+class _DS:
+    def __init__(self, train, valid, test):
+        self.train_matrix, self.valid_matrix, self.test_matrix = train, valid, test
+        self.n_items = train.shape[1]
+
+    def eval_matrix(self, split):
+        return self.valid_matrix if split == "valid" else self.test_matrix
+
+
+def _csr(rows, cols, shape):
+    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+
+
+def test_evaluate_masks_training_items_and_averages_over_users():
+    # 3 users x 5 items. user 0 trained on item 0 (highest score) -> masked, so item 1 ranks first.
+    scores = [[9, 8, 7, 6, 5], [5, 6, 7, 8, 9], [1, 2, 3, 4, 5]]
+    train = _csr([0, 1], [0, 4], (3, 5))
+    test = _csr([0, 1], [1, 0], (3, 5))  # user 2 has no test item: not evaluated
+    ds = _DS(train, test, test)
+    res = evaluate(_FixedScores(scores), ds, "test", [1, 2], batch_users=2, keep_topk=2)
+    # user 0: ranking [1, 2, ...] -> hit at 1; user 1: ranking (4 masked) [3, 2, 1, 0] -> item 0 at rank 4
+    assert res["metrics"]["recall@1"] == pytest.approx(0.5)
+    assert res["metrics"]["recall@2"] == pytest.approx(0.5)
+    assert list(res["users"]) == [0, 1]
+    assert res["topk"].tolist() == [[1, 2], [3, 2]]
+    # the validation pass does not mask test items: same matrices here, so only train is masked
+    assert 0 not in res["topk"][0] and 4 not in res["topk"][1]
+
+
+def test_evaluate_blocks_give_same_result():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(40, 30))
+    train = _csr(rng.integers(0, 40, 80), rng.integers(0, 30, 80), (40, 30))
+    train.data[:] = 1
+    test = _csr(np.arange(40), rng.integers(0, 30, 40), (40, 30))
+    test = test - test.multiply(train)
+    test.eliminate_zeros()
+    ds = _DS(train, test, test)
+    a = evaluate(_FixedScores(scores), ds, "test", [5, 10], batch_users=7)["metrics"]
+    b = evaluate(_FixedScores(scores), ds, "test", [5, 10], batch_users=1000)["metrics"]
+    for k in a:
+        assert a[k] == pytest.approx(b[k])

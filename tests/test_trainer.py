@@ -1,0 +1,94 @@
+"""Early stopping (MMRec's rule), resume equal to an uninterrupted run, NaN handling, outputs."""
+import json
+import math
+
+import pytest
+import torch
+
+from mmrec.quick_start import run, train_one
+from mmrec.trainer import Trainer
+from tests.conftest import tiny_setup
+
+
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
+    sets = {"epochs": 6, "stopping_step": 100, "train_batch_size": 32}
+    cfg, ds = tiny_setup(tmp_path / "a", "LightGCN", overrides=sets)
+    full = train_one(cfg, tmp_path / "full", ds)
+    # interrupted after 3 epochs, then resumed to 6
+    cfg2, ds2 = tiny_setup(tmp_path / "b", "LightGCN", overrides={**sets, "epochs": 3})
+    train_one(cfg2, tmp_path / "part", ds2)
+    cfg2["epochs"] = 6
+    resumed = train_one(cfg2, tmp_path / "part", ds2, resume=True)
+    assert resumed["epochs_run"] == 6
+    assert resumed["best_epoch"] == full["best_epoch"]
+    assert resumed["valid"] == full["valid"] and resumed["test"] == full["test"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+class _Scripted(torch.nn.Module):
+    """Stands in for a model: validation scores follow a script (for the stopping rule)."""
+
+
+def test_early_stopping_follows_mmrec_rule(tmp_path, monkeypatch):
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 50, "stopping_step": 2, "checkpoint": False})
+    from models.bpr import BPR
+
+    trainer = Trainer(cfg, BPR(cfg, ds), ds, None)
+    # rounded valid recall@20 per epoch: best at epoch 1; 0.30004 rounds to 0.3 (a tie, not better)
+    script = iter([0.2, 0.3, 0.30004, 0.25, 0.29, 0.5])
+    calls = []
+
+    def fake_eval(split, keep_topk=0):
+        if split == "valid":
+            value = next(script)
+            calls.append(value)
+            return {"metrics": {k: value for k in _keys(cfg)}}
+        return {"metrics": {k: -1.0 for k in _keys(cfg)}}
+
+    monkeypatch.setattr(trainer, "_evaluate", fake_eval)
+    res = trainer.fit()
+    # epochs 2, 3, 4 do not improve; stopping_step 2 -> stop once 3 > 2 non-improving evaluations
+    assert res["best_epoch"] == 1 and res["epochs_run"] == 5 and res["stopped_by"] == "early_stopping"
+    assert calls == [0.2, 0.3, 0.30004, 0.25, 0.29]
+
+
+def _keys(cfg):
+    return [f"{m}@{k}" for m in cfg["metrics"] for k in cfg["topk"]]
+
+
+def test_nan_loss_stops_with_message_and_keeps_best(tmp_path, monkeypatch):
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 5, "stopping_step": 10})
+    from models.bpr import BPR
+
+    model = BPR(cfg, ds)
+    trainer = Trainer(cfg, model, ds, tmp_path)
+    real = model.calculate_loss
+    state = {"n": 0}
+
+    def loss(batch):
+        state["n"] += 1
+        out = real(batch)
+        if state["n"] > 2:  # the first epoch (a single batch here) finishes; then NaN
+            out["bpr"] = out["bpr"] * math.nan
+        return out
+
+    monkeypatch.setattr(model, "calculate_loss", loss)
+    res = trainer.fit()
+    assert res["stopped_by"] == "diverged" and "loss is nan" in res["diverged"]
+    assert res["best_epoch"] >= 0 and (tmp_path / "best.pth").exists()
+
+
+def test_run_writes_outputs_and_custom_model_path(tmp_path):
+    cfg_sets = {"epochs": 2, "train_batch_size": 64}
+    # a researcher's model from anywhere: package.module:ClassName
+    res = run("models.bpr:BPR", "mini", {**cfg_sets, "reg_weight": 1e-4}, tmp_path / "out", quiet=True)
+    out = tmp_path / "out"
+    data = json.loads((out / "result.json").read_text())
+    for key in ("model", "dataset", "config", "best_epoch", "epochs_run", "valid", "test", "train_seconds",
+                "seconds_per_epoch", "eval_seconds"):
+        assert key in data
+    assert "recall@20" in data["test"] and "ndcg@20" in data["test"]
+    assert (out / "config.yaml").exists() and (out / "log.txt").exists() and (out / "best.pth").exists()
+    lines = (out / "topk_test.tsv").read_text().splitlines()
+    assert len(lines[1].split("\t")[1].split(",")) == 20
+    assert res["result_path"].endswith("result.json")
