@@ -133,23 +133,10 @@ def _activity(rng, n_users, n_items, knobs) -> np.ndarray:
 
 
 def split_labels(user: np.ndarray, rng) -> np.ndarray:
-    """MMRec labelling rule (x_label) applied per user after a random shuffle.
+    """MMRec labelling rule (x_label) applied per user after a random shuffle (the loader's own rule)."""
+    from mmrec.data.dataset import mmrec_split_labels
 
-    n < 10: n-2 train, 1 valid, 1 test; otherwise floor(0.2 n) go to valid+test,
-    floor(half) of those to valid, the rest to test.
-    """
-    n_users = int(user.max()) + 1
-    key = rng.random(len(user))
-    order = np.lexsort((key, user))
-    cnt = np.bincount(user, minlength=n_users)
-    starts = np.cumsum(cnt) - cnt
-    rank = np.empty(len(user), np.int64)
-    rank[order] = np.arange(len(user)) - starts[user[order]]
-    n_vt = np.where(cnt < 10, 2, np.floor(0.2 * cnt).astype(np.int64))
-    n_valid = n_vt // 2
-    n_train = cnt - n_vt
-    r_tr, r_va = n_train[user], (n_train + n_valid)[user]
-    return np.where(rank < r_tr, 0, np.where(rank < r_va, 1, 2)).astype(np.int64)
+    return mmrec_split_labels(user, rng)
 
 
 def _move_items_into_train(user, item, label, n_items, rng, rounds=5):

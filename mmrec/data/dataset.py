@@ -48,11 +48,11 @@ def _missing_message(folder: Path, config) -> str:
     return msg
 
 
-def mmrec_split_labels(users: np.ndarray, seed: int) -> np.ndarray:
+def mmrec_split_labels(users: np.ndarray, seed: int | np.random.Generator) -> np.ndarray:
     """MMRec's per-user labelling on a fresh shuffle: users with < 10 interactions put one interaction
     in valid and one in test; others floor(0.2 n) in valid+test, floor(half of that) in valid, the rest
     in test.  Vectorised; returns x_label (0/1/2) aligned with ``users``."""
-    rng = np.random.default_rng(seed)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     n = users.shape[0]
     order = np.lexsort((rng.random(n), users))  # group by user, random order inside each user
     sorted_users = users[order]
