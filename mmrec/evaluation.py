@@ -91,7 +91,7 @@ def evaluate(model, dataset, split: str, ks: list[int], metrics=METRICS, batch_u
             if scores.shape != (len(block), n_items):
                 raise RuntimeError(f"{type(model).__name__}.full_sort_predict returned shape "
                                    f"{tuple(scores.shape)}, expected ({len(block)}, {n_items})")
-            scores = scores.float().clone()
+            scores = scores.float()  # masked in place: the contract asks for a fresh tensor
             r, c = _row_keys(train, block, n_items)
             scores[r.to(device), c.to(device)] = -torch.inf
             top = torch.topk(scores, min(max_k, n_items), dim=1).indices.cpu()

@@ -47,6 +47,7 @@ class AbstractRecommender(nn.Module):
         raise NotImplementedError
 
     def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores [batch users, n_items] as a fresh tensor (the evaluator masks it in place)."""
         raise NotImplementedError
 
     def pre_epoch_processing(self) -> None:

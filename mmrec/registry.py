@@ -14,12 +14,21 @@ class RegistryError(ValueError):
     pass
 
 
+_BROKEN: dict[str, str] = {}
+
+
 def available_models() -> dict[str, type]:
+    """Every GeneralRecommender subclass defined in a module of ``models/``.  A module that fails to
+    import is skipped (and named in the error if the requested model is not found)."""
     import models
 
     found: dict[str, type] = {}
     for info in pkgutil.iter_modules(models.__path__):
-        module = importlib.import_module(f"models.{info.name}")
+        try:
+            module = importlib.import_module(f"models.{info.name}")
+        except Exception as err:  # a broken model file must not break every other model
+            _BROKEN[info.name] = f"{type(err).__name__}: {err}"
+            continue
         for name, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, AbstractRecommender) and obj.__module__ == module.__name__:
                 found[name] = obj
@@ -45,8 +54,9 @@ def get_model(name: str) -> type:
             return v
     close = difflib.get_close_matches(name, list(models), n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    broken = "".join(f"; models/{m}.py failed to import ({e})" for m, e in _BROKEN.items())
     raise RegistryError(f"unknown model {name!r}{hint}; available: {', '.join(sorted(models))}; "
-                        "or pass package.module:ClassName")
+                        f"or pass package.module:ClassName{broken}")
 
 
 def canonical_name(name: str) -> str:

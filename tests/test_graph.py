@@ -51,3 +51,16 @@ def test_degree_sensitive_prune_keeps_count_and_renormalises():
     di = torch.bincount(ki, minlength=4).float()
     expected = (du[ku] + 1e-7).pow(-0.5) * (di[ki] + 1e-7).pow(-0.5)
     assert torch.allclose(adj[ku, ki + 4], expected)
+
+
+def test_spmm_matches_dense_in_value_and_gradient():
+    rng = np.random.default_rng(0)
+    m = sp.random(7, 5, density=0.4, format="csr", dtype=np.float32, random_state=1)  # not square
+    a = graph.to_torch_sparse(m)
+    x = torch.randn(5, 3, requires_grad=True)
+    y = graph.spmm(a, x)
+    dense = torch.from_numpy(m.toarray())
+    assert torch.allclose(y, dense @ x, atol=1e-6)
+    w = torch.from_numpy(rng.normal(size=(7, 3)).astype(np.float32))
+    (y * w).sum().backward()
+    assert torch.allclose(x.grad, dense.T @ w, atol=1e-6)
