@@ -92,8 +92,7 @@ class Trainer:
         self.decimals = int(config["metric_decimals"])
         self.batches = TrainBatches(dataset, int(config["train_batch_size"]), int(config["seed"]))
         self.optimizer = build_optimizer(config, model)
-        a, b = config["learning_rate_scheduler"]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: a ** (e / b))
+        self.scheduler = self._build_scheduler()
         self.set_to_none = str(config["optimizer_empty_grad"]).lower() == "skip"
         self.clip = config.get("clip_grad_norm")
         # state carried across epochs (and checkpoints)
@@ -107,6 +106,22 @@ class Trainer:
         self.stopped_by = "epochs"
         self.train_times: list[float] = []
         self.eval_times: list[float] = []
+
+    def _build_scheduler(self):
+        """MMRec's LambdaLR: epoch e trains at lr * a^(e/b), never below ``learning_rate_floor``."""
+        a, b = self.config["learning_rate_scheduler"]
+        lr = float(self.config["learning_rate"])
+        floor = float(self.config.get("learning_rate_floor") or 0.0) / lr
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: max(a ** (e / b), floor))
+
+    def _fresh_optimizer(self) -> None:
+        """For models that set ``reset_optimizer_each_epoch`` (CMDL's reference rebuilds its optimisers
+        every epoch): new optimiser state, same learning-rate schedule position."""
+        epoch = self.scheduler.last_epoch
+        self.optimizer = build_optimizer(self.config, self.model)
+        self.scheduler = self._build_scheduler()
+        for _ in range(epoch):
+            self.scheduler.step()
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -130,6 +145,8 @@ class Trainer:
     def _train_epoch(self) -> dict[str, float]:
         model = self.model
         model.train()
+        if getattr(model, "reset_optimizer_each_epoch", False) and self.epoch > 0:
+            self._fresh_optimizer()
         model.pre_epoch_processing()
         parts: dict[str, float] = {}
         total = 0.0

@@ -92,3 +92,16 @@ def test_run_writes_outputs_and_custom_model_path(tmp_path):
     lines = (out / "topk_test.tsv").read_text().splitlines()
     assert len(lines[1].split("\t")[1].split(",")) == 20
     assert res["result_path"].endswith("result.json")
+
+
+def test_learning_rate_schedule_and_floor(tmp_path):
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"learning_rate": 0.01, "learning_rate_scheduler": [0.5, 1],
+                                                     "learning_rate_floor": 0.002})
+    from models.bpr import BPR
+
+    trainer = Trainer(cfg, BPR(cfg, ds), ds, None)
+    lrs = []
+    for _ in range(4):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([0.01, 0.005, 0.0025, 0.002])
