@@ -223,21 +223,22 @@ def knn_matrix(indices: np.ndarray, values: np.ndarray, n: int, flavour: KnnFlav
     return sp.csr_matrix((out.astype(np.float32), (rows, cols)), shape=(n, n))
 
 
-def cached_knn(dataset, modality: str, k: int, include_self: bool = True,
-               block_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k lists of one modality's raw features, cached on disk keyed by the feature hash."""
+def cached_knn(dataset, modality: str, k: int, include_self: bool = True, block_size: int = 2048,
+               device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k lists of one modality's raw features, cached on disk keyed by the feature hash
+    (computed on ``device``: a GPU builds Electronics' lists in seconds)."""
     feats = dataset.features[modality]
     key = {"features": dataset.feature_hash(modality), "k": int(k), "include_self": bool(include_self)}
     arrays = dataset.cache.get_or_build(
         "cosine_knn", key,
-        lambda: dict(zip(("indices", "values"), cosine_topk(feats, k, include_self, block_size))))
+        lambda: dict(zip(("indices", "values"), cosine_topk(feats, k, include_self, block_size, device))))
     return arrays["indices"], arrays["values"]
 
 
 def knn_graph(dataset, modality: str, k: int, flavour: KnnFlavour, include_self: bool = True,
-              degree_eps: float = 0.0) -> sp.csr_matrix:
+              degree_eps: float = 0.0, device: torch.device | str = "cpu") -> sp.csr_matrix:
     """Normalised item-item kNN graph of one modality (cached lists, then the named normalisation)."""
-    idx, val = cached_knn(dataset, modality, k, include_self)
+    idx, val = cached_knn(dataset, modality, k, include_self, device=device)
     return knn_matrix(idx, val, dataset.n_items, flavour, degree_eps)
 
 

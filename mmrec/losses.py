@@ -50,6 +50,8 @@ def info_nce_blocked(view1: torch.Tensor, view2: torch.Tensor, temperature: floa
                      block_size: int = 4096) -> torch.Tensor:
     """Exact ``info_nce`` computed in row blocks, so no n x n matrix is held at once (each block is
     recomputed in the backward pass via checkpointing)."""
+    if view1.shape[0] <= block_size:  # one block: the plain form, no recomputation
+        return info_nce(view1, view2, temperature)
     from torch.utils.checkpoint import checkpoint
 
     z1 = F.normalize(view1, dim=1)

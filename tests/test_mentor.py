@@ -1,0 +1,125 @@
+"""MENTOR: shapes, loss parts by hand, blocked all-node InfoNCE, the stale-prediction quirk, graphs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from conftest import random_interactions, tiny_setup, write_dataset
+from mmrec.config import load_config
+from mmrec.data import RecDataset
+from models.mentor import MENTOR
+
+BATCH = {"users": torch.tensor([0, 1, 4, 4]), "pos_items": torch.tensor([2, 3, 4, 9]),
+         "neg_items": torch.tensor([5, 6, 0, 1])}
+
+
+def _nce(a, b, t):
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    return (-torch.log(torch.exp((a * b).sum(1) / t) / torch.exp(a @ b.T / t).sum(1))).mean()
+
+
+def _align(x, y):
+    var = lambda t: ((t - t.mean()) ** 2).sum() / (t.numel() - 1)  # noqa: E731
+    return (var(x) - var(y)).abs() + (x.mean() - y.mean()).abs()
+
+
+def test_loss_parts_by_hand(tmp_path):
+    config, dataset = tiny_setup(tmp_path, "MENTOR", overrides={"mask_weight_g": 0.5, "temp": 0.4,
+                                                                "nce_block_size": 7})
+    model = MENTOR(config, dataset)
+    torch.manual_seed(11)
+    parts = model.calculate_loss(BATCH)
+    assert set(parts) == {"bpr", "reg", "align", "mask_g", "mask_f"}
+    assert not parts["mask_f"].requires_grad  # the reference computes it under no-grad
+    torch.manual_seed(11)
+    with torch.no_grad():
+        out = model.forward()
+        nu = dataset.n_users
+        z = out["fused"]
+        u, p, n = z[BATCH["users"]], z[nu + BATCH["pos_items"]], z[nu + BATCH["neg_items"]]
+        bpr = -torch.log2(torch.sigmoid((u * p).sum(1) - (u * n).sum(1))).mean()
+        reg = 1e-3 * (model.v_gcn.preference[BATCH["users"]].pow(2).mean()
+                      + model.t_gcn.preference[BATCH["users"]].pow(2).mean() + model.weight_u.pow(2).mean())
+        g, r, v, t = out["guide"], out["fused"], out["visual"], out["text"]
+        align = 0.1 * (_align(g, r) + _align(g, v) + _align(g, t) + _align(r, v) + _align(r, t) + _align(v, t))
+        n1, n2 = out["noisy1"], out["noisy2"]
+        mask_g = 0.5 * (_nce(n1[:nu], n2[:nu], 0.4) + _nce(n1[nu:], n2[nu:], 0.4))
+        mask_f = 0
+        for part in (z[:nu], z[nu:]):
+            mask_f = mask_f + 1 - F.cosine_similarity(F.dropout(part, 0.5), model.mask_mlp(part)).mean()
+        mask_f = 1.5 * mask_f
+    for name, value in {"bpr": bpr, "reg": reg, "align": align, "mask_g": mask_g, "mask_f": mask_f}.items():
+        assert math.isclose(float(parts[name].detach()), float(value), rel_tol=1e-4), name
+
+
+def test_fused_representation_by_hand(tmp_path):
+    config, dataset = tiny_setup(tmp_path, "MENTOR")
+    model = MENTOR(config, dataset)
+    nu, ni = dataset.n_users, dataset.n_items
+    y = dataset.train_matrix.toarray()
+    a = np.zeros((nu + ni, nu + ni))
+    a[:nu, nu:], a[nu:, :nu] = y, y.T
+    deg = a.sum(1)
+    inv = np.where(deg > 0, 1 / np.sqrt(np.maximum(deg, 1)), 0)
+    a_hat = torch.tensor(inv[:, None] * a * inv[None, :], dtype=torch.float32)
+    s = model.mm_adj.to_dense()
+    np.testing.assert_allclose(s.sum(1).numpy(), np.full(ni, 10 / (10 + 1e-7)), rtol=1e-5)  # KNN-BIN rows
+    with torch.no_grad():
+        def module(gcn, feats):
+            items = gcn.mlp_out(F.leaky_relu(gcn.mlp_in(feats), 0.01))
+            x = F.normalize(torch.cat([gcn.preference, items]), dim=1)
+            return x + a_hat @ x + a_hat @ (a_hat @ x)
+
+        hv, ht = module(model.v_gcn, model.v_feat), module(model.t_gcn, model.t_feat)
+        w = model.weight_u
+        users = torch.cat([w[:, :1] * hv[:nu], w[:, 1:] * ht[:nu]], 1)
+        items = torch.cat([hv[nu:], ht[nu:]], 1)
+        expect = torch.cat([users, items + s @ items])
+        torch.testing.assert_close(model.fused_forward(), expect, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(model.weight_u.sum(1), torch.ones(nu))  # softmax initialisation
+
+
+def test_prediction_uses_last_training_batch(tmp_path):
+    config, dataset = tiny_setup(tmp_path, "MENTOR", overrides={"learning_rate": 0.05})
+    model = MENTOR(config, dataset)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    users = {"users": torch.tensor([0, 3])}
+    model.eval()
+    fresh_before = model.full_sort_predict(users)  # no training batch yet: a fresh forward
+    model.train()
+    loss = sum(model.calculate_loss(BATCH).values())
+    with torch.no_grad():
+        batch_fused = model.fused_forward()  # the embeddings of that batch (before the step)
+    loss.backward()
+    opt.step()
+    model.eval()
+    stale = model.full_sort_predict(users)
+    torch.testing.assert_close(stale, batch_fused[users["users"]] @ batch_fused[dataset.n_users:].T)
+    torch.testing.assert_close(fresh_before, stale)  # nothing changed between the two forwards
+    model.predict_fresh_forward = True
+    fresh = model.full_sort_predict(users)
+    assert fresh.shape == (2, dataset.n_items)
+    assert not torch.allclose(fresh, stale)  # the step moved the parameters
+
+
+def test_graphs_use_training_split_only(tmp_path):
+    n_users, n_items = 25, 18
+    users, items, labels = random_interactions(n_users, n_items, seed=3)
+    rng = np.random.default_rng(4)
+    v, t = rng.normal(size=(n_items, 12)), rng.normal(size=(n_items, 6))
+    items2 = items.copy()
+    for r in np.where(labels > 0)[0]:
+        seen = set(items2[users == users[r]].tolist())
+        items2[r] = next(i for i in range(n_items - 1) if i not in seen)
+    built = []
+    for name, its in (("a", items), ("b", items2)):
+        write_dataset(tmp_path, name, users, its, labels, v, t)
+        cfg = load_config("MENTOR", name, {"data_path": str(tmp_path), "cache_dir": str(tmp_path / f"c_{name}")})
+        built.append(MENTOR(cfg, RecDataset(cfg)))
+    a, b = built
+    assert (a.dataset.valid_matrix != b.dataset.valid_matrix).nnz > 0
+    for name in ("adj", "mm_adj"):
+        assert torch.equal(getattr(a, name).to_dense(), getattr(b, name).to_dense()), name
