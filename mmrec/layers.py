@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmrec.graph import spmm
+
 __all__ = ["SigmoidGate", "BehaviourPurifier", "ScalarAttentionFuser", "item_graph_view"]
 
 
@@ -69,6 +71,6 @@ def item_graph_view(item_graph: torch.Tensor, user_item: torch.Tensor, item_embe
     """Item-item view: i = S^L e (sparse S [I, I]), u = R i (sparse R [U, I]); returns [u; i] ([U+I, d])."""
     h = item_embeddings
     for _ in range(n_layers):
-        h = torch.sparse.mm(item_graph, h)
-    users = torch.sparse.mm(user_item, h)
+        h = spmm(item_graph, h)
+    users = spmm(user_item, h)
     return torch.cat([users, h], dim=0)

@@ -160,8 +160,8 @@ class CMDL(GeneralRecommender):
         views = {}
         for m, raw, proj, purifier, item_graph in (("v", self.v_raw, self.v_proj, self.v_purifier, self.v_graph),
                                                   ("t", self.t_raw, self.t_proj, self.t_purifier, self.t_graph)):
-            items = torch.sparse.mm(item_graph, purifier(item_id, proj(raw)))   # S_m e_m
-            views[m] = torch.cat([torch.sparse.mm(self.R, items), items])         # X_m = [R S_m e_m; S_m e_m]
+            items = graph.spmm(item_graph, purifier(item_id, proj(raw)))   # S_m e_m
+            views[m] = torch.cat([graph.spmm(self.R, items), items])         # X_m = [R S_m e_m; S_m e_m]
         shared, _ = self.fuser([views["v"], views["t"]])                         # S
         spec_v, spec_t = views["v"] - shared, views["t"] - shared                # P_v, P_t
         w = torch.softmax(self.fc(content).max(dim=0).values.detach(), dim=0)   # global weights, no gradient

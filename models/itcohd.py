@@ -190,7 +190,7 @@ class ITCoHDMRec(GeneralRecommender):
         L_i = x_m W_m and L_u = Y L_i, at temperature tau; dropout (1 - keep_rate) in training."""
         feats = self.v_feat if m == "v" else self.t_feat
         logits_i = feats @ self.hyper[m]
-        logits_u = torch.sparse.mm(self.train_sum, logits_i)
+        logits_u = graph.spmm(self.train_sum, logits_i)
         out = []
         for logits in (logits_u, logits_i):
             if self.training:
@@ -234,8 +234,8 @@ class ITCoHDMRec(GeneralRecommender):
                                  self.n_ui_layers)
         out = {"collab": collab}
         for m, feats in (("v", self.v_feat), ("t", self.t_feat)):
-            items = torch.sparse.mm(self.item_graph[m], self.proj[m](feats))      # i_m = S_m f_m
-            users = torch.sparse.mm(user_mean, items)                              # mean over kept items
+            items = graph.spmm(self.item_graph[m], self.proj[m](feats))      # i_m = S_m f_m
+            users = graph.spmm(user_mean, items)                              # mean over kept items
             out[f"x_{m}"] = graph.propagate(adj, torch.cat([users, items]), self.n_mm_layers, "last")
             g_u, g_i = self.hypergraph(m, collab[nu:])
             out[f"g0_{m}"] = norm(g_u)                                             # x_0 of the diffusion

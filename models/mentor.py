@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrec.graph import spmm
 from mmrec.losses import bpr_loss, info_nce_blocked, mean_var_alignment, simgcl_perturb
 from mmrec.recommender import GeneralRecommender
 
@@ -61,10 +62,10 @@ class ModalityGCN(nn.Module):
     def forward(self, adj: torch.Tensor, features: torch.Tensor, perturbed: bool = False) -> torch.Tensor:
         items = self.mlp_out(F.leaky_relu(self.mlp_in(features)))
         x = F.normalize(torch.cat([self.preference, items], dim=0), dim=1)
-        h1 = torch.sparse.mm(adj, x)
+        h1 = spmm(adj, x)
         if perturbed:
             h1 = simgcl_perturb(h1, NOISE_EPS)
-        h2 = torch.sparse.mm(adj, h1)
+        h2 = spmm(adj, h1)
         if perturbed:
             h2 = simgcl_perturb(h2, NOISE_EPS)
         return x + h1 + h2
@@ -110,7 +111,7 @@ class MENTOR(GeneralRecommender):
         """items + S^L items (the residual item-graph layer of every 128-d item representation)."""
         h = items
         for _ in range(self.n_mm_layers):
-            h = torch.sparse.mm(self.mm_adj, h)
+            h = spmm(self.mm_adj, h)
         return items + h
 
     def _weighted(self, v_rep: torch.Tensor, t_rep: torch.Tensor) -> torch.Tensor:
