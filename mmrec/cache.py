@@ -20,6 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _MAP_SIZE = 1 << 40  # virtual address space only; the file grows with what is written
+_OPEN_ENVS: dict[str, object] = {}  # LMDB allows one open handle per path and process: share it
 
 
 def key_digest(namespace: str, key: dict) -> str:
@@ -57,8 +58,10 @@ class ArtifactCache:
             import lmdb
 
             self.root.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(self.root / "artifacts.lmdb"), map_size=_MAP_SIZE,
-                                  subdir=True, readahead=False, lock=True)
+            path = str((self.root / "artifacts.lmdb").resolve())
+            if path not in _OPEN_ENVS:
+                _OPEN_ENVS[path] = lmdb.open(path, map_size=_MAP_SIZE, subdir=True, readahead=False, lock=True)
+            self._env = _OPEN_ENVS[path]
         return self._env
 
     def get(self, namespace: str, key: dict) -> dict[str, np.ndarray] | None:
@@ -96,6 +99,5 @@ class ArtifactCache:
         return arrays
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        """Forget the handle (the shared environment stays open for other users in this process)."""
+        self._env = None

@@ -45,3 +45,9 @@ def test_disabled_cache_always_builds():
     cache.get_or_build("a", {}, lambda: n.append(1) or {"x": np.zeros(1)})
     cache.get_or_build("a", {}, lambda: n.append(1) or {"x": np.zeros(1)})
     assert len(n) == 2
+
+
+def test_two_caches_on_one_folder_share_the_store(tmp_path):
+    a, b = ArtifactCache(tmp_path), ArtifactCache(tmp_path)
+    a.put("x", {"k": 1}, {"v": np.arange(3)})
+    assert b.get("x", {"k": 1})["v"].tolist() == [0, 1, 2]

@@ -1,0 +1,506 @@
+"""MAGNET: Modality-Guided Mixture of Graph Experts with Entropy-Triggered Routing for Multimodal
+Recommendation (Dai, Fang, Cai).  Decisions where the paper is silent: /work/shared/MAGNET.md, docs/magnet.md.
+
+Dual-view backbone (Sec. 3.2; graphs in ``models/magnet_graph.py``):
+    G_UI = (U + I, E),   G_UIG = (U + I, E + E+),   E+ = top-r content-induced edges per user  (Eqs. 1-3)
+    z^v = 1/(L+1) sum_l (D^-1/2 A_v D^-1/2)^l e^(0)   on each view, shared e^(0)               (Eqs. 4-5)
+    z = (z^UI + z^UIG) / 2                                                                      (Eq. 6)
+Modality cues:  h^m_i = f_m(x^m_i),  h^m_u = mean_{i in I_u} h^m_i                              (Eqs. 7-8)
+Triplet experts: r^B = z, r^A = h^A, r^S = h^S;  x_u(w) = sum_m w^m r^m_u                      (Eqs. 9-10)
+    s^(e)_ui = phi_e(x_u(w_e), x_i(w_e)),  w_e = P_g(w~^t) from Dom / Bal / Com templates       (Eqs. 11-15)
+Routing: pi_ui = softmax(Router([z_u; z_i])), Gamma = TopK(pi, K), renormalise over Gamma,
+    s_ui = sum_{e in Gamma} pi~_e s^(e)_ui,  y_ui = v^T s_ui                                   (Eqs. 16-21)
+Training (Alg. 2): pi_bar = batch mean of pi over positives, H~ = H(pi_bar) / log E, N_eff = e^H;
+    counter n (H~ >= H* for W consecutive steps) switches stage 1 -> 2 once                    (Eqs. 22-26)
+    L = L_BPR + l_ctr L_ctr + l_cov(H~) L_cov + l_conf(H~) L_conf (+ Adam weight decay)         (Eqs. 27-32)
+    L_cov = sum_e (pi_bar_e - 1/E)^2,  L_conf = mean H(pi_ui),  Lin-Ent: l_cov = 1[s=1] l_r (1 - H~),
+    l_conf = 1[s=2] l_r H~.
+Two measured additions to MAGNET.md (docs/magnet.md): ``cue_input`` (l2-normalised features into f_m on
+mini; raw on the Amazon sets, as specified) and ``expert_init`` (hadamard W_e = I + 0.1 x default init).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmrec import graph
+from mmrec.losses import bpr_loss, info_nce
+from mmrec.recommender import GeneralRecommender
+from models.magnet_graph import augmented_matrix, cached_induced_edges, sample_fanout, template_pool
+
+log = logging.getLogger("mmrec." + __name__)
+
+ENTROPY_EPS = 1e-12
+SCHEDULES = ("entropy", "fixed_step", "coverage_only", "confidence_only", "none")
+STAGE_WEIGHTS = ("lin_ent", "quad_ent", "const", "rev_ent")
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions (tested one by one)
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats (Eq. 23), p clamped at a tiny epsilon inside the log."""
+    return -(p * p.clamp_min(ENTROPY_EPS).log()).sum(dim)
+
+
+def topk_gates(pi: torch.Tensor, k: int) -> torch.Tensor:
+    """Eqs. 18-19: keep the Top-K entries of pi and renormalise them to sum to 1; others 0."""
+    vals, idx = pi.topk(k, dim=-1)
+    return torch.zeros_like(pi).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
+
+
+def coverage_loss(pi_bar: torch.Tensor) -> torch.Tensor:
+    """Eq. 29: sum_e (pi_bar_e - 1/E)^2."""
+    return (pi_bar - 1.0 / pi_bar.numel()).pow(2).sum()
+
+
+def confidence_loss(pi: torch.Tensor) -> torch.Tensor:
+    """Eq. 30: mean over pairs of H(pi_ui)."""
+    return entropy(pi).mean()
+
+
+def stage_weight_factors(h_norm: float, form: str) -> tuple[float, float]:
+    """(stage-1 factor, stage-2 factor) of lambda_r (Eq. 31 and Table 6's alternatives)."""
+    if form == "lin_ent":
+        return 1.0 - h_norm, h_norm
+    if form == "quad_ent":
+        return (1.0 - h_norm) ** 2, h_norm ** 2
+    if form == "const":
+        return 1.0, 1.0
+    if form == "rev_ent":
+        return h_norm, 1.0 - h_norm
+    raise ValueError(f"unknown stage_weights {form!r}; use one of {', '.join(STAGE_WEIGHTS)}")
+
+
+def view_contrastive(a_users, b_users, a_items, b_items, tau: float) -> torch.Tensor:
+    """Eq. 28: 1/2 [(L_U + L_I)^{a->b} + (L_U + L_I)^{b->a}], in-batch InfoNCE on cosine / tau."""
+    forward = info_nce(a_users, b_users, tau) + info_nce(a_items, b_items, tau)
+    backward = info_nce(b_users, a_users, tau) + info_nce(b_items, a_items, tau)
+    return 0.5 * (forward + backward)
+
+
+# ----------------------------------------------------------------------------------------------
+def _uniform(shape, fan_in: int) -> nn.Parameter:
+    """nn.Linear's default initialisation bound 1/sqrt(fan_in), for stacked per-expert weights."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+class ExpertHeads(nn.Module):
+    """E expert heads phi_e (Eq. 11) with expert-specific parameters, stacked along dim 0.
+
+    ``hadamard``: s = (W_e x_u) * x_i;  ``concat_mlp``: s = W2_e relu(W1_e [x_u; x_i] + b1_e) + b2_e;
+    ``hadamard_concat``: their sum."""
+
+    KINDS = ("hadamard", "concat_mlp", "hadamard_concat")
+
+    def __init__(self, kind: str, n_experts: int, dim: int, init: str = "default"):
+        super().__init__()
+        if init not in ("default", "identity"):
+            raise ValueError(f"unknown expert_init {init!r}; use default or identity")
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown expert_head {kind!r}; use one of {', '.join(self.KINDS)}")
+        self.kind = kind
+        self.use_hadamard = kind in ("hadamard", "hadamard_concat")
+        self.use_mlp = kind in ("concat_mlp", "hadamard_concat")
+        e, d = n_experts, dim
+        if self.use_hadamard:
+            self.w_had = _uniform((e, d, d), d)  # [E, out, in]
+            if init == "identity":  # W_e = I + 0.1 x default init: starts as a dot product (LightGCN-like)
+                with torch.no_grad():
+                    self.w_had.mul_(0.1).add_(torch.eye(d))
+        if self.use_mlp:
+            self.w1_user = _uniform((e, d, d), 2 * d)  # [E, in, hidden] (user half of W1)
+            self.w1_item = _uniform((e, d, d), 2 * d)
+            self.b1 = _uniform((e, d), 2 * d)
+            self.w2 = _uniform((e, d, d), d)  # [E, hidden, out]
+            self.b2 = _uniform((e, d), d)
+
+    def pair(self, xu: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        """Pair representations s^(e) [B, E, d] from x_u, x_i [B, E, d]."""
+        out = 0
+        if self.use_hadamard:
+            out = out + torch.einsum("efd,bed->bef", self.w_had, xu) * xi
+        if self.use_mlp:
+            hidden = torch.relu(torch.einsum("bed,edh->beh", xu, self.w1_user)
+                                + torch.einsum("bed,edh->beh", xi, self.w1_item) + self.b1)
+            out = out + torch.einsum("beh,ehf->bef", hidden, self.w2) + self.b2
+        return out
+
+    def all_pairs(self, xu: torch.Tensor, xi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """v^T s^(e) for every user x item pair of a block: xu [U, E, d], xi [I, E, d] -> [U, I, E]."""
+        out = 0
+        if self.use_hadamard:
+            wu = torch.einsum("efd,ued->uef", self.w_had, xu) * v
+            out = out + torch.einsum("uef,ief->uie", wu, xi)
+        if self.use_mlp:
+            hu = torch.einsum("ued,edh->ueh", xu, self.w1_user) + self.b1
+            hi = torch.einsum("ied,edh->ieh", xi, self.w1_item)
+            w2v = torch.einsum("ehf,f->eh", self.w2, v)
+            hidden = torch.relu(hu.unsqueeze(1) + hi.unsqueeze(0))  # [U, I, E, h]
+            out = out + torch.einsum("uieh,eh->uie", hidden, w2v) + self.b2 @ v
+        return out
+
+
+class Router(nn.Module):
+    """pi = softmax(Router([z_u; z_i])) (Eqs. 16-17); ``linear`` or a one-hidden-layer ``mlp``.
+    The first layer is split into a user half and an item half, so full ranking never forms [z_u; z_i]."""
+
+    def __init__(self, kind: str, dim: int, n_experts: int):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"unknown router {kind!r}; use linear or mlp")
+        self.kind = kind
+        self.first = nn.Linear(2 * dim, dim if kind == "mlp" else n_experts)
+        self.second = nn.Linear(dim, n_experts) if kind == "mlp" else None
+        self.dim = dim
+
+    def _halves(self, zu: torch.Tensor, zi: torch.Tensor):
+        w = self.first.weight
+        return zu @ w[:, : self.dim].T + self.first.bias, zi @ w[:, self.dim:].T
+
+    def pair(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
+        """Logits [B, E] for aligned rows of z_u, z_i."""
+        h = self.first(torch.cat([zu, zi], dim=-1))
+        return self.second(torch.relu(h)) if self.second is not None else h
+
+    def all_pairs(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
+        """Logits [U, I, E] for every user x item pair of a block."""
+        hu, hi = self._halves(zu, zi)
+        h = hu.unsqueeze(1) + hi.unsqueeze(0)
+        return self.second(torch.relu(h)) if self.second is not None else h
+
+
+# ----------------------------------------------------------------------------------------------
+class MAGNET(GeneralRecommender):
+    #: elements of one [users x items x experts (x hidden)] scoring block in full ranking
+    score_block_budget = 1 << 22
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        cfg = config
+        d = self.embedding_size
+        self.n_layers = int(cfg["n_layers"])
+        self.view = str(cfg["view"]).upper()
+        if self.view not in ("DV", "SV"):
+            raise ValueError(f"view must be DV or SV, got {cfg['view']!r}")
+        if self.v_feat is None or self.t_feat is None:
+            raise ValueError("MAGNET needs both item modalities (image_feat.npy and text_feat.npy)")
+        self.use_moe = bool(cfg["moe"])
+        self.fanout = int(cfg["fanout"])
+        self.lambda_ctr = float(cfg["lambda_ctr"])
+        self.tau = float(cfg["tau"])
+        self.lambda_r = float(cfg["lambda_r"])
+        self.schedule = str(cfg["routing_schedule"])
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown routing_schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        self.stage_weights = str(cfg["stage_weights"])
+        stage_weight_factors(0.5, self.stage_weights)  # validates the name
+        self.h_star = float(cfg["entropy_threshold"])
+        self.window = int(cfg["trigger_window"])
+        self.switch_signal = str(cfg["switch_signal"])
+        self.smoothing = str(cfg["entropy_smoothing"])
+        self.smoothing_steps = max(1, int(cfg["smoothing_steps"]))
+        self.switch_unit = str(cfg["switch_unit"])
+        self.stage1_min_steps = int(cfg["stage1_min_steps"])
+        self.fixed_switch_epoch = int(cfg["fixed_switch_epoch"])
+        for key, value, allowed in (("switch_signal", self.switch_signal, ("dense", "topk_load")),
+                                    ("entropy_smoothing", self.smoothing, ("none", "window", "ema")),
+                                    ("switch_unit", self.switch_unit, ("step", "epoch"))):
+            if value not in allowed:
+                raise ValueError(f"unknown {key} {value!r}; use one of {', '.join(allowed)}")
+
+        # shared ID embeddings e^(0) (Xavier-uniform, MMRec's convention)
+        self.user_embedding = nn.Embedding(self.n_users, d)
+        self.item_embedding = nn.Embedding(self.n_items, d)
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self._build_views(cfg)
+
+        # modality cues (Eqs. 7-8): f_m linear; user cue = row-normalised R_train times H^m
+        self.cue_input = str(cfg["cue_input"])
+        if self.cue_input not in ("raw", "l2"):
+            raise ValueError(f"cue_input must be raw or l2, got {self.cue_input!r}")
+        if self.cue_input == "l2":  # row-normalised features into f_m (raw features keep their scale)
+            self.v_feat, self.t_feat = graph.l2_normalize_rows(self.v_feat), graph.l2_normalize_rows(self.t_feat)
+        self.proj_visual = nn.Linear(self.v_feat.shape[1], d)
+        self.proj_text = nn.Linear(self.t_feat.shape[1], d)
+        coo = self.train_matrix.tocoo()
+        deg = np.asarray(self.train_matrix.sum(axis=1)).ravel()
+        vals = 1.0 / np.maximum(deg[coo.row], 1.0)
+        self.user_history_mean = graph.sparse_from_edges(coo.row, coo.col, vals, (self.n_users, self.n_items),
+                                                         self.device)
+
+        # expert pool (Eqs. 12-15)
+        if self.use_moe:
+            weights, self.expert_names = template_pool(
+                float(cfg["alpha"]), float(cfg["beta"]), float(cfg["delta"]), float(cfg["com_eps"]),
+                str(cfg["aux_order"]), list(cfg["families"]), int(cfg["expert_replicas"]))
+        else:  # "w/o MoE Fusion": one head on the plain mean of B, A, S
+            weights, self.expert_names = np.full((1, 3), 1.0 / 3.0, dtype=np.float32), ["Mean"]
+        self.n_experts = weights.shape[0]
+        self.top_k = int(cfg["K"]) if self.use_moe else 1
+        if self.use_moe and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"K={self.top_k} must lie in 1..E, but the expert pool has E={self.n_experts} "
+                             f"experts (families={list(cfg['families'])}, expert_replicas="
+                             f"{cfg['expert_replicas']}); lower K or add families/replicas")
+        self.templates = str(cfg["templates"])
+        if self.templates == "fixed" or not self.use_moe:
+            self.register_buffer("template_weights", torch.from_numpy(weights))
+        elif self.templates == "free":  # "w/o Templates": each expert learns its own softmax mixture
+            self.template_logits = nn.Parameter(torch.zeros(self.n_experts, 3))
+        else:
+            raise ValueError(f"templates must be fixed or free, got {self.templates!r}")
+        self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
+        self.router = Router(str(cfg["router"]), d, self.n_experts) if self.use_moe else None
+        self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
+        self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
+        self._fanout_gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self._init_controller()
+        self.to(self.device)
+
+    # -- graphs (Sec. 3.2) ----------------------------------------------------------------------
+    def _build_views(self, cfg) -> None:
+        self.adj_ui = self.norm_adj("sym")
+        self.adj_uig = None
+        self.graph_stats: dict = {"view": self.view}
+        if self.view == "SV":
+            return
+        k, r = int(cfg["knn_k"]), int(cfg["expansion_r"])
+        induced = cached_induced_edges(self.dataset, k, r, str(cfg["candidate_score"]))
+        aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]))
+        self.adj_uig = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"), self.device)
+        n_plus = int(induced["users"].size)
+        pools = induced["pool_sizes"]
+        self.graph_stats.update({
+            "n_induced_edges": n_plus, "n_observed_edges": int(self.train_matrix.nnz),
+            "induced_share": round(n_plus / max(n_plus + self.train_matrix.nnz, 1), 4),
+            "share_users_pool_below_r": round(float((pools < r).mean()), 4),
+            "mean_pool_size": round(float(pools.mean()), 2)})
+        log.info("MAGNET G_UIG: |E+| = %d induced + %d observed edges (%.1f%% induced); %.1f%% of users have "
+                 "a pool smaller than r=%d (mean pool %.1f)", n_plus, self.train_matrix.nnz,
+                 100 * self.graph_stats["induced_share"], 100 * self.graph_stats["share_users_pool_below_r"],
+                 r, self.graph_stats["mean_pool_size"])
+
+    # -- controller state (Sec. 3.4), in buffers so checkpoints carry it -------------------------
+    def _init_controller(self) -> None:
+        long = dict(dtype=torch.long)
+        first_stage = 2 if self.schedule == "confidence_only" else 1
+        self.register_buffer("ctl_stage", torch.tensor(first_stage, **long))
+        self.register_buffer("ctl_counter", torch.tensor(0, **long))
+        self.register_buffer("ctl_step", torch.tensor(0, **long))
+        self.register_buffer("ctl_epoch", torch.tensor(0, **long))
+        self.register_buffer("ctl_epoch_steps", torch.tensor(0, **long))
+        self.register_buffer("ctl_switch_step", torch.tensor(0 if first_stage == 2 else -1, **long))
+        self.register_buffer("ctl_switch_epoch", torch.tensor(0 if first_stage == 2 else -1, **long))
+        self.register_buffer("ctl_window", torch.zeros(self.smoothing_steps, dtype=torch.float64))
+        self.register_buffer("ctl_window_count", torch.tensor(0, **long))
+        self.register_buffer("ctl_ema", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("ctl_epoch_signal", torch.tensor(0.0, dtype=torch.float64))
+        self._reset_epoch_stats()
+
+    def _reset_epoch_stats(self) -> None:
+        self._stats = {"h_norm": 0.0, "n_eff": 0.0, "signal": 0.0, "max_load": 0.0, "top1_share": 0.0,
+                       "steps": 0}
+
+    def _smooth(self, value: float) -> float:
+        """The switch signal after ``entropy_smoothing`` (none | window mean | EMA over smoothing_steps)."""
+        count = int(self.ctl_window_count)
+        self.ctl_window_count += 1
+        if self.smoothing == "window":
+            self.ctl_window[count % self.smoothing_steps] = value
+            return float(self.ctl_window[: min(count + 1, self.smoothing_steps)].mean())
+        if self.smoothing == "ema":
+            rate = 1.0 / self.smoothing_steps
+            self.ctl_ema.fill_(value if count == 0 else (1 - rate) * float(self.ctl_ema) + rate * value)
+            return float(self.ctl_ema)
+        return value
+
+    def _switch(self, first_step: int | None = None) -> None:
+        """Enter stage 2; the switch step is the first step trained with stage-2 weights."""
+        self.ctl_stage.fill_(2)
+        self.ctl_switch_step.fill_(int(self.ctl_step) if first_step is None else first_step)
+        self.ctl_switch_epoch.copy_(self.ctl_epoch)
+        log.info("MAGNET stage switch 1 -> 2 at step %d (epoch %d)", int(self.ctl_step), int(self.ctl_epoch))
+
+    def _count(self, signal: float, first_step: int) -> None:
+        """Eq. 26: n <- n + 1 if signal >= H* else 0; stage 1 -> 2 once when n >= W (after the minimum
+        stage-1 length); ``first_step`` is the step that would be the first in stage 2."""
+        if signal >= self.h_star:
+            self.ctl_counter += 1
+        else:
+            self.ctl_counter.zero_()
+        stage1_len = first_step - 1
+        if int(self.ctl_stage) == 1 and int(self.ctl_counter) >= self.window and stage1_len >= self.stage1_min_steps:
+            self._switch(first_step)
+
+    @torch.no_grad()
+    def controller_step(self, signal_value: float) -> int:
+        """Advance the stage controller by one training step (Alg. 2, lines 14-20); returns the stage."""
+        self.ctl_step += 1
+        self.ctl_epoch_steps += 1
+        if self.schedule == "entropy":
+            smoothed = self._smooth(signal_value)
+            if self.switch_unit == "step":
+                self._count(smoothed, int(self.ctl_step))
+            else:
+                self.ctl_epoch_signal += smoothed
+        elif self.schedule == "fixed_step":
+            if int(self.ctl_stage) == 1 and int(self.ctl_epoch) >= self.fixed_switch_epoch:
+                self._switch()
+        return int(self.ctl_stage)
+
+    def pre_epoch_processing(self) -> None:
+        """Start a new epoch: count the finished one; with ``switch_unit: epoch`` the epoch-mean signal
+        drives the counter (W then counts epochs)."""
+        if self.training and int(self.ctl_epoch_steps) > 0:
+            mean_signal = float(self.ctl_epoch_signal) / int(self.ctl_epoch_steps)
+            self.ctl_epoch += 1
+            if self.schedule == "entropy" and self.switch_unit == "epoch":
+                with torch.no_grad():
+                    self._count(mean_signal, int(self.ctl_step) + 1)
+            self.ctl_epoch_steps.zero_()
+            self.ctl_epoch_signal.zero_()
+        self._reset_epoch_stats()
+
+    def routing_weights(self, h_norm: float, stage: int) -> tuple[float, float]:
+        """(lambda_cov, lambda_conf) of Eq. 31 (or the chosen stage_weights form), H~ detached."""
+        if self.schedule == "none":
+            return 0.0, 0.0
+        a, b = stage_weight_factors(h_norm, self.stage_weights)
+        return self.lambda_r * a * (stage == 1), self.lambda_r * b * (stage == 2)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def encode(self) -> dict[str, torch.Tensor]:
+        """Backbone (Eqs. 4-6) and modality cues (Eqs. 7-8) for all users and items."""
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
+        sample = self.training and self.fanout > 0
+        adj_ui = sample_fanout(self.adj_ui, self.fanout, self._fanout_gen) if sample else self.adj_ui
+        z_ui = graph.propagate(adj_ui, ego, self.n_layers)  # Eq. 5
+        out = {"z_ui": z_ui, "z_uig": None, "z": z_ui}
+        if self.adj_uig is not None:
+            adj_uig = sample_fanout(self.adj_uig, self.fanout, self._fanout_gen) if sample else self.adj_uig
+            z_uig = graph.propagate(adj_uig, ego, self.n_layers)
+            out.update(z_uig=z_uig, z=0.5 * (z_ui + z_uig))  # Eq. 6
+        h_item_a = self.proj_visual(self.v_feat)  # Eq. 7
+        h_item_s = self.proj_text(self.t_feat)
+        h_user_a = graph.spmm(self.user_history_mean, h_item_a)  # Eq. 8
+        h_user_s = graph.spmm(self.user_history_mean, h_item_s)
+        z = out["z"]
+        out["r_user"] = torch.stack([z[: self.n_users], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
+        out["r_item"] = torch.stack([z[self.n_users:], h_item_a, h_item_s], dim=1)
+        return out
+
+    def expert_weights(self) -> torch.Tensor:
+        """w_e over [B, A, S] for every expert [E, 3] (fixed templates or free softmax mixtures)."""
+        if hasattr(self, "template_logits"):
+            return torch.softmax(self.template_logits, dim=-1)
+        return self.template_weights
+
+    @staticmethod
+    def expert_inputs(weights: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
+        """Eq. 10: x(w_e) = sum_m w_e^m r^m for rows of reps [N, 3, d] -> [N, E, d]."""
+        return torch.einsum("em,nmd->ned", weights, reps)
+
+    def score_pairs(self, tables: dict, users: torch.Tensor, items: torch.Tensor,
+                    user_inputs: torch.Tensor | None = None):
+        """Alg. 1 for aligned (user, item) rows: returns (y [B], dense pi [B, E] or None, gates [B, E])."""
+        w = self.expert_weights()
+        xu = user_inputs if user_inputs is not None else self.expert_dropout(
+            self.expert_inputs(w, tables["r_user"][users]))
+        xi = self.expert_dropout(self.expert_inputs(w, tables["r_item"][items]))
+        s_experts = self.heads.pair(xu, xi)  # Eq. 11: [B, E, d]
+        if self.use_moe:
+            z = tables["z"]
+            pi = torch.softmax(self.router.pair(z[users], z[self.n_users + items]), dim=-1)  # Eqs. 16-17
+            gates = topk_gates(pi, self.top_k)  # Eqs. 18-19
+        else:
+            pi, gates = None, torch.ones(users.numel(), 1, device=users.device)
+        s = (gates.unsqueeze(-1) * s_experts).sum(1)  # Eq. 20
+        return s @ self.score_vector, pi, gates  # Eq. 21
+
+    def calculate_loss(self, interaction):
+        users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
+        tables = self.encode()
+        xu = self.expert_dropout(self.expert_inputs(self.expert_weights(), tables["r_user"][users]))
+        y_pos, pi_pos, gates_pos = self.score_pairs(tables, users, pos, xu)
+        y_neg, _, _ = self.score_pairs(tables, users, neg, xu)
+        zero = y_pos.new_zeros(())
+        out = {"bpr": bpr_loss(y_pos, y_neg, "mean"), "ctr": zero, "cov": zero, "conf": zero}  # Eq. 27 (mean)
+        if tables["z_uig"] is not None and self.lambda_ctr > 0:  # Eq. 28, DV only
+            bu, bi = torch.unique(users), torch.unique(pos) + self.n_users
+            z_ui, z_uig = tables["z_ui"], tables["z_uig"]
+            out["ctr"] = self.lambda_ctr * view_contrastive(z_ui[bu], z_uig[bu], z_ui[bi], z_uig[bi], self.tau)
+        if self.use_moe:
+            out.update(self._routing_terms(pi_pos, gates_pos))
+        return out
+
+    def _routing_terms(self, pi: torch.Tensor, gates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eqs. 22-31 on the positive pairs' dense routing (controller advances only in training)."""
+        n_experts = pi.shape[-1]
+        pi_bar = pi.mean(0)  # Eq. 22
+        h = entropy(pi_bar)  # Eq. 23
+        h_norm = float(h.detach()) / math.log(n_experts)  # Eq. 24
+        load = gates.detach().mean(0)
+        load_norm = float(entropy(load)) / math.log(n_experts)
+        signal = h_norm if self.switch_signal == "dense" else load_norm
+        stage = self.controller_step(signal) if self.training else int(self.ctl_stage)
+        lam_cov, lam_conf = self.routing_weights(h_norm, stage)  # Eq. 31, after the stage update
+        st = self._stats
+        st["h_norm"] += h_norm
+        st["n_eff"] += math.exp(float(h.detach()))  # Eq. 25
+        st["signal"] += signal
+        st["max_load"] += float((gates.detach() > 0).float().mean(0).max()) / self.top_k  # MaxLoad share
+        st["top1_share"] += float(torch.bincount(pi.detach().argmax(-1), minlength=n_experts).max()) / pi.shape[0]
+        st["steps"] += 1
+        return {"cov": lam_cov * coverage_loss(pi_bar), "conf": lam_conf * confidence_loss(pi)}  # Eqs. 29-30
+
+    def full_sort_predict(self, interaction):
+        users = interaction["users"]
+        tables = self.cached("tables", self.encode)
+        w = self.expert_weights()
+        x_items = self.cached("x_items", lambda: self.expert_inputs(w, tables["r_item"]))  # [I, E, d]
+        xu = self.expert_inputs(w, tables["r_user"][users])
+        z = tables["z"]
+        zu, zi = z[users], z[self.n_users:]
+        per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1)
+        item_block = max(1, self.score_block_budget // max(users.numel() * per_pair, 1))
+        scores = torch.empty(users.numel(), self.n_items, device=z.device)
+        for lo in range(0, self.n_items, item_block):
+            hi = min(lo + item_block, self.n_items)
+            y_experts = self.heads.all_pairs(xu, x_items[lo:hi], self.score_vector)  # v^T s^(e): [U, I, E]
+            if self.use_moe:
+                gates = topk_gates(torch.softmax(self.router.all_pairs(zu, zi[lo:hi]), dim=-1), self.top_k)
+                scores[:, lo:hi] = (gates * y_experts).sum(-1)  # Eqs. 19-21 (v^T is linear)
+            else:
+                scores[:, lo:hi] = y_experts[..., 0]
+        return scores
+
+    # -- reporting -------------------------------------------------------------------------------
+    def epoch_stats(self) -> dict[str, float]:
+        n = self._stats["steps"]
+        if not self.use_moe or n == 0:
+            return {}
+        out = {"H~": self._stats["h_norm"] / n, "N_eff": self._stats["n_eff"] / n,
+               "signal": self._stats["signal"] / n, "max_load": self._stats["max_load"] / n,
+               "top1_share": self._stats["top1_share"] / n,
+               "stage": int(self.ctl_stage)}
+        if int(self.ctl_switch_step) >= 0:
+            out["switch_step"] = int(self.ctl_switch_step)
+        return out
+
+    def extra_results(self) -> dict:
+        switch = int(self.ctl_switch_step)
+        res = {**self.graph_stats, "n_experts": self.n_experts, "experts": self.expert_names,
+               "routing_schedule": self.schedule, "final_stage": int(self.ctl_stage),
+               "switch_step": switch, "switch_epoch": int(self.ctl_switch_epoch),
+               "stage1_steps": (switch - 1 if switch > 0 else 0) if switch >= 0 else int(self.ctl_step),
+               "train_steps": int(self.ctl_step)}
+        if self.use_moe and self.schedule == "fixed_step" and switch < 0:
+            log.warning("routing_schedule fixed_step: training ended at epoch %d before fixed_switch_epoch=%d; "
+                        "the run never left stage 1", int(self.ctl_epoch), self.fixed_switch_epoch)
+        return res

@@ -1,0 +1,252 @@
+"""MAGNET model: routing (Eqs. 16-21), the stage controller and weights (Eqs. 22-26, 31), the losses
+(Eqs. 27-30) against hand computations, the backbone and cues (Eqs. 5-10), checkpointing of the
+controller, and full ranking equal to pairwise scoring."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmrec.config import load_config
+from models.magnet import (MAGNET, confidence_loss, coverage_loss, entropy, stage_weight_factors, topk_gates,
+                           view_contrastive)
+from tests.conftest import tiny_setup
+
+SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1}
+
+
+@pytest.fixture
+def make(tmp_path):
+    """``make(**overrides)`` -> a MAGNET on one tiny dataset (one dataset per test: LMDB allows one open
+    environment per path and process)."""
+    _, dataset = tiny_setup(tmp_path, "MAGNET", overrides=SMALL)
+
+    def build(**overrides):
+        config = load_config("MAGNET", "toy", {"data_path": str(tmp_path), "cache_dir": str(tmp_path / "cache"),
+                                               **SMALL, **overrides})
+        torch.manual_seed(0)
+        return MAGNET(config, dataset)
+
+    return build
+
+
+# -- pure functions -----------------------------------------------------------------------------
+def test_topk_gates_renormalise():
+    pi = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.05, 0.45]])
+    g = topk_gates(pi, 2)
+    torch.testing.assert_close(g[0], torch.tensor([0.0, 4 / 7, 0.0, 3 / 7]))
+    torch.testing.assert_close(g[1, 3], torch.tensor(0.45 / 0.70))
+    torch.testing.assert_close(g.sum(1), torch.ones(2))
+    assert (g > 0).sum(1).tolist() == [2, 2]
+
+
+def test_entropy_coverage_confidence_by_hand():
+    pi = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    pi_bar = pi.mean(0)  # Eq. 22: [0.4, 0.4, 0.2]
+    h = -(0.4 * math.log(0.4) * 2 + 0.2 * math.log(0.2))
+    assert float(entropy(pi_bar)) == pytest.approx(h)  # Eq. 23
+    assert math.exp(h) == pytest.approx(float(entropy(pi_bar).exp()))  # Eq. 25
+    assert float(coverage_loss(pi_bar)) == pytest.approx(2 * (0.4 - 1 / 3) ** 2 + (0.2 - 1 / 3) ** 2)  # Eq. 29
+    h1 = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    h2 = -(0.1 * math.log(0.1) + 0.6 * math.log(0.6) + 0.3 * math.log(0.3))
+    assert float(confidence_loss(pi)) == pytest.approx((h1 + h2) / 2)  # Eq. 30
+    assert float(entropy(torch.tensor([1.0, 0.0]))) == 0.0  # clamped log, no NaN
+
+
+def test_stage_weight_forms():
+    h = 0.8
+    assert stage_weight_factors(h, "lin_ent") == pytest.approx((0.2, 0.8))
+    assert stage_weight_factors(h, "quad_ent") == pytest.approx((0.04, 0.64))
+    assert stage_weight_factors(h, "const") == (1.0, 1.0)
+    assert stage_weight_factors(h, "rev_ent") == pytest.approx((0.8, 0.2))
+    with pytest.raises(ValueError):
+        stage_weight_factors(h, "cubic")
+
+
+def test_view_contrastive_by_hand():
+    torch.manual_seed(1)
+    a_u, b_u, a_i, b_i = (torch.randn(3, 4) for _ in range(4))
+    tau = 0.5
+
+    def one_way(x, y):  # Eq. 28b by loops
+        total = 0.0
+        for r in range(x.shape[0]):
+            sims = [float(F.cosine_similarity(x[r], y[c], dim=0)) / tau for c in range(y.shape[0])]
+            total += -sims[r] + math.log(sum(math.exp(s) for s in sims))
+        return total / x.shape[0]
+
+    want = 0.5 * (one_way(a_u, b_u) + one_way(a_i, b_i) + one_way(b_u, a_u) + one_way(b_i, a_i))
+    assert float(view_contrastive(a_u, b_u, a_i, b_i, tau)) == pytest.approx(want, rel=1e-5)
+
+
+# -- the stage controller (Eq. 26) --------------------------------------------------------------
+def test_controller_switch_after_w_consecutive_steps(make):
+    m = make(entropy_threshold=0.9, trigger_window=3)
+    m.train()
+    stages = [m.controller_step(h) for h in (0.95, 0.95, 0.5, 0.95, 0.91)]
+    assert stages == [1, 1, 1, 1, 1] and int(m.ctl_counter) == 2  # reset by the 0.5
+    assert m.controller_step(0.9) == 2  # third consecutive step at H* switches on this step
+    assert int(m.ctl_switch_step) == 6
+    m.controller_step(0.1)
+    assert int(m.ctl_stage) == 2 and int(m.ctl_switch_step) == 6  # once and for good
+    for _ in range(5):
+        m.controller_step(0.99)
+    assert int(m.ctl_switch_step) == 6
+
+
+def test_controller_variants(make):
+    m = make(trigger_window=2, stage1_min_steps=4)
+    m.train()
+    assert [m.controller_step(1.0) for _ in range(6)] == [1, 1, 1, 1, 2, 2]  # stage-1 length >= 4
+    m = make(trigger_window=2, entropy_smoothing="window", smoothing_steps=3)
+    m.train()
+    # window means: 1.0, 0.9, (1+.8+.2)/3=.667, (.8+.2+1)/3=.667, (.2+1+1)/3=.733, 1.0, 1.0
+    assert [m.controller_step(h) for h in (1.0, 0.8, 0.2, 1.0, 1.0, 1.0, 1.0)] == [1, 2, 2, 2, 2, 2, 2]
+    m = make(trigger_window=2, entropy_smoothing="window", smoothing_steps=3)
+    m.train()
+    assert [m.controller_step(h) for h in (0.5, 1.0, 1.0, 1.0, 1.0)] == [1, 1, 1, 1, 2]
+    m = make(trigger_window=1, switch_unit="epoch")
+    m.train()
+    m.pre_epoch_processing()
+    for h in (0.5, 0.6):
+        m.controller_step(h)
+    m.pre_epoch_processing()  # epoch mean 0.55 < 0.9
+    assert int(m.ctl_stage) == 1 and int(m.ctl_epoch) == 1
+    for h in (0.95, 0.99):
+        m.controller_step(h)
+    m.pre_epoch_processing()
+    assert int(m.ctl_stage) == 2 and int(m.ctl_switch_epoch) == 2
+    m = make(routing_schedule="fixed_step", fixed_switch_epoch=1)
+    m.train()
+    m.controller_step(1.0)
+    m.pre_epoch_processing()
+    assert m.controller_step(0.0) == 2 and int(m.ctl_switch_epoch) == 1
+    assert int(make(routing_schedule="confidence_only").ctl_stage) == 2
+    m = make(routing_schedule="coverage_only")
+    m.train()
+    assert max(m.controller_step(1.0) for _ in range(10)) == 1
+
+
+def test_routing_weights_gated_by_stage(make):
+    m = make(lambda_r=0.3)
+    assert m.routing_weights(0.8, 1) == pytest.approx((0.3 * 0.2, 0.0))  # Eq. 31, stage 1
+    assert m.routing_weights(0.8, 2) == pytest.approx((0.0, 0.3 * 0.8))
+    assert make(routing_schedule="none").routing_weights(0.8, 1) == (0.0, 0.0)
+
+
+def test_controller_survives_state_dict(make):
+    m = make(trigger_window=2)
+    m.train()
+    for h in (0.95, 0.95, 0.95):
+        m.controller_step(h)
+    state = m.state_dict()
+    assert {"ctl_stage", "ctl_counter", "ctl_step", "ctl_switch_step"} <= set(state)
+    fresh = make(trigger_window=2)
+    assert int(fresh.ctl_stage) == 1
+    fresh.load_state_dict(state)
+    assert (int(fresh.ctl_stage), int(fresh.ctl_step), int(fresh.ctl_switch_step), int(fresh.ctl_counter)) == (2, 3, 2, 3)
+
+
+def test_controller_frozen_in_eval(make):
+    m = make()
+    m.eval()
+    batch = {"users": torch.tensor([0, 1, 2]), "pos_items": torch.tensor([1, 2, 3]), "neg_items": torch.tensor([4, 5, 6])}
+    with torch.no_grad():
+        m.calculate_loss(batch)
+    assert int(m.ctl_step) == 0
+
+
+# -- forward pieces -----------------------------------------------------------------------------
+def test_backbone_and_cues(make):
+    m = make()
+    t = m.encode()
+    torch.testing.assert_close(t["z"], 0.5 * (t["z_ui"] + t["z_uig"]))  # Eq. 6
+    ego = torch.cat([m.user_embedding.weight, m.item_embedding.weight])
+    a = m.adj_ui.to_dense()
+    torch.testing.assert_close(t["z_ui"], (ego + a @ ego + a @ a @ ego) / 3, atol=1e-5, rtol=1e-5)  # Eq. 5
+    h_items = m.proj_visual(m.v_feat)
+    hist = m.train_matrix[4].indices
+    torch.testing.assert_close(t["r_user"][4, 1], h_items[hist].mean(0), atol=1e-5, rtol=1e-5)  # Eq. 8
+    torch.testing.assert_close(t["r_item"][:, 0], t["z"][m.n_users:])  # Eq. 9
+    w = m.expert_weights()
+    x = m.expert_inputs(w, t["r_user"][:2])  # Eq. 10
+    torch.testing.assert_close(x[1, 4], w[4, 0] * t["r_user"][1, 0] + w[4, 1] * t["r_user"][1, 1]
+                               + w[4, 2] * t["r_user"][1, 2])
+
+
+def test_expert_heads_by_hand(make):
+    m = make(expert_head="hadamard_concat")
+    xu, xi = torch.randn(2, m.n_experts, 8), torch.randn(2, m.n_experts, 8)
+    s = m.heads.pair(xu, xi)
+    h = m.heads
+    e, b = 3, 1
+    had = (h.w_had[e] @ xu[b, e]) * xi[b, e]
+    mlp = h.w2[e].T @ torch.relu(h.w1_user[e].T @ xu[b, e] + h.w1_item[e].T @ xi[b, e] + h.b1[e]) + h.b2[e]
+    torch.testing.assert_close(s[b, e], had + mlp, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_parts_and_routing_stats(make):
+    m = make(lambda_r=0.3, trigger_window=100)
+    m.train()
+    m.pre_epoch_processing()
+    batch = {"users": torch.tensor([0, 1, 2, 3]), "pos_items": torch.tensor([1, 2, 3, 4]),
+             "neg_items": torch.tensor([5, 6, 7, 8])}
+    out = m.calculate_loss(batch)
+    assert set(out) == {"bpr", "ctr", "cov", "conf"}
+    m.eval()
+    tables = m.encode()
+    _, pi, _ = m.score_pairs(tables, batch["users"], batch["pos_items"])
+    pi_bar = pi.mean(0)
+    h_norm = float(entropy(pi_bar.detach())) / math.log(9)
+    assert m.epoch_stats()["H~"] == pytest.approx(h_norm, abs=1e-5)
+    assert float(out["cov"]) == pytest.approx(0.3 * (1 - h_norm) * float(coverage_loss(pi_bar)), rel=1e-4)
+    assert float(out["conf"]) == 0.0 and int(m.ctl_step) == 1
+    out["bpr"].backward()
+    assert m.router.first.weight.grad is not None
+
+
+def test_sv_and_no_moe(make):
+    m = make(view="SV")
+    assert m.adj_uig is None
+    batch = {"users": torch.tensor([0, 1]), "pos_items": torch.tensor([1, 2]), "neg_items": torch.tensor([3, 4])}
+    m.train()
+    assert float(m.calculate_loss(batch)["ctr"]) == 0.0
+    m = make(moe=False)
+    out = m.calculate_loss(batch)
+    assert float(out["cov"]) == 0.0 and m.router is None and m.epoch_stats() == {}
+
+
+def test_k_larger_than_e_is_an_error(make):
+    with pytest.raises(ValueError, match="K=4 must lie in 1..E.*E=3"):
+        make(families=["bal"])
+    assert make(families=["bal"], K=2).n_experts == 3
+
+
+@pytest.mark.parametrize("variant", [{}, {"expert_head": "concat_mlp", "router": "mlp"},
+                                     {"expert_head": "hadamard_concat", "templates": "free"},
+                                     {"moe": False}, {"view": "SV", "expert_replicas": 2, "K": 6}])
+def test_full_sort_equals_pairwise(make, variant):
+    m = make(**variant)
+    m.eval()
+    m.score_block_budget = 7 * m.n_experts * 8  # force several item blocks
+    users = torch.tensor([0, 3, 7, 29])
+    with torch.no_grad():
+        m.start_evaluation()
+        full = m.full_sort_predict({"users": users})
+        m.end_evaluation()
+        tables = m.encode()
+        uu = users.repeat_interleave(m.n_items)
+        ii = torch.arange(m.n_items).repeat(users.numel())
+        pair, _, _ = m.score_pairs(tables, uu, ii)
+    torch.testing.assert_close(full, pair.view(users.numel(), m.n_items), atol=1e-5, rtol=1e-5)
+
+
+def test_identity_expert_init(make):
+    heads = make(expert_init="identity").heads
+    eye = torch.eye(8).expand_as(heads.w_had)
+    assert (heads.w_had - eye).abs().max() <= 0.1 / math.sqrt(8) + 1e-6
+    assert not torch.equal(heads.w_had[0], heads.w_had[1])  # experts still differ (Theta_e)
+    assert (make(expert_init="default").heads.w_had.abs() <= 1 / math.sqrt(8)).all()
