@@ -36,7 +36,7 @@ f([a_i, b_j]) = w2 relu(A_i + B_j + b1) + b2); the MI terms index the (U+I)-row 
 attention query are never updated (``freeze_unlisted``: they are missing from the reference's optimiser
 list).  As in the reference, the main optimiser (AdamW, lr 1e-5, weight decay 0.01) is rebuilt at
 every epoch start (``reset_optimizer_each_epoch``, honoured by the trainer).  Deviations from the
-reference are listed in docs/baselines2b.md.
+reference are listed in docs/baselines.md.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ Loss (all on the batch; ``B`` = the configured train_batch_size):
 
 with ``p``, ``p'`` two independent SimGCL perturbations (eps 0.1) of the whole user matrix.
 
-Reference quirks (BASELINES.md section 7; docs/baselines2a.md):
+Reference quirks (BASELINES.md section 7; docs/baselines.md):
 - The reference builds the intersection by walking the flattened kNN index lists in fixed groups of
   **10** entries whatever ``knn_k`` is (a group's item id is the row of its last entry, a later group
   with the same id overwrites an earlier one).  ``intersection_group: 10`` reproduces that (identical

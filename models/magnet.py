@@ -1,5 +1,5 @@
 """MAGNET: Modality-Guided Mixture of Graph Experts with Entropy-Triggered Routing for Multimodal
-Recommendation (Dai, Fang, Cai).  Decisions where the paper is silent: /work/shared/MAGNET.md, docs/magnet.md.
+Recommendation (Dai, Fang, Cai).  Decisions where the paper is silent: MAGNET.md (shared design docs), docs/magnet.md.
 
 Dual-view backbone (Sec. 3.2; graphs in ``models/magnet_graph.py``):
     G_UI = (U + I, E),   G_UIG = (U + I, E + E+),   E+ = top-r content-induced edges per user  (Eqs. 1-3)

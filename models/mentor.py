@@ -27,7 +27,7 @@ items (exact, in row blocks: no U x U matrix is held at once)
 computes entirely under no-grad: it is logged but gives no gradient (``dropout`` and ``mask_weight_f``
 therefore have no training effect).
 
-Reference quirks (BASELINES.md section 11; docs/baselines2a.md):
+Reference quirks (BASELINES.md section 11; docs/baselines.md):
 - ``full_sort_predict`` does not run a forward: it scores with the fused embeddings cached by the
   *last training batch* (one optimiser step stale).  Matched by default; ``predict_fresh_forward: true``
   runs a fresh (deterministic) forward per evaluation pass instead.  Before any training batch (or after

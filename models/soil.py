@@ -31,7 +31,7 @@ Loss: BPR-mean(Z) + cl_loss * [NCE(side_p, C_p) + NCE(side_u, C_u)]
 + cl_loss2 * [NCE(Z_u, C_p) + NCE(Z_u, side_p)], temperature 0.2 (the paper's lambda_ii = cl_loss,
 lambda_ui = cl_loss2).  The reference's ``reg_weight`` is read but unused; we do not define it.
 
-Reference quirks (BASELINES.md section 8; docs/baselines2a.md):
+Reference quirks (BASELINES.md section 8; docs/baselines.md):
 - ``R_2``'s normaliser indexes the *user*-degree vector by item id for the column factor:
   ``R_2[u, j] = w_uj / sqrt(deg_u * deg_user(j))``.  Reproduced with ``r2_degree_quirk: true`` (the
   default; it needs n_items <= n_users, as the reference silently does); ``false`` uses the item's
