@@ -64,8 +64,14 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The configured optimiser over the trainable parameters.  A model may list parameter-name prefixes
+    in ``no_weight_decay`` (e.g. its ID embedding tables): those get weight decay 0."""
     lr, wd = float(config["learning_rate"]), float(config["weight_decay"])
+    exempt = tuple(getattr(model, "no_weight_decay", ()) or ())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in named if not n.startswith(exempt) or not exempt]
+    free = [p for n, p in named if exempt and n.startswith(exempt)]
+    params = [{"params": decayed}] + ([{"params": free, "weight_decay": 0.0}] if free else [])
     learner = str(config["learner"]).lower()
     if learner == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)

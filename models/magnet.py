@@ -217,6 +217,10 @@ class MAGNET(GeneralRecommender):
         # shared ID embeddings e^(0) (Xavier-uniform, MMRec's convention)
         self.user_embedding = nn.Embedding(self.n_users, d)
         self.item_embedding = nn.Embedding(self.n_items, d)
+        if str(cfg["weight_decay_on"]) == "non_embedding":  # ID tables learn under Adam without the
+            self.no_weight_decay = ("user_embedding", "item_embedding")  # decay pulling absent rows to 0
+        elif str(cfg["weight_decay_on"]) != "all":
+            raise ValueError(f"weight_decay_on must be all or non_embedding, got {cfg['weight_decay_on']!r}")
         nn.init.xavier_uniform_(self.user_embedding.weight)
         nn.init.xavier_uniform_(self.item_embedding.weight)
         self._build_views(cfg)

@@ -105,3 +105,16 @@ def test_learning_rate_schedule_and_floor(tmp_path):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
         trainer.scheduler.step()
     assert lrs == pytest.approx([0.01, 0.005, 0.0025, 0.002])
+
+
+def test_no_weight_decay_prefixes_get_zero_decay(tmp_path):
+    from mmrec.trainer import build_optimizer
+    from models.bpr import BPR
+
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"weight_decay": 0.1})
+    model = BPR(cfg, ds)
+    assert [g["weight_decay"] for g in build_optimizer(cfg, model).param_groups] == [0.1]
+    model.no_weight_decay = ("user_embedding",)
+    groups = build_optimizer(cfg, model).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert groups[1]["params"][0] is model.user_embedding.weight
