@@ -194,22 +194,20 @@ def cosine_topk(features: np.ndarray | torch.Tensor, k: int, include_self: bool 
     return out_idx, out_val
 
 
-def knn_matrix(indices: np.ndarray, values: np.ndarray, n: int, flavour: KnnFlavour = "sim",
-               degree_eps: float = 0.0) -> sp.csr_matrix:
-    """Row-wise kNN lists -> normalised sparse n x n matrix in one of the named flavours.
+def normalize_edges(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n: int,
+                    flavour: KnnFlavour = "sim", degree_eps: float = 0.0) -> sp.csr_matrix:
+    """Normalise an item-item edge list into a sparse n x n matrix in one of the named flavours.
 
-    ``bin`` uses row degrees on both sides (every value 1/(k + degree_eps)); ``sim`` divides each kept
-    cosine by sqrt(r_i r_j), r the row sums of kept similarities (not symmetrised); ``sim_soil`` clamps
-    the result to at least 1e-7; ``raw`` keeps the cosine values.
+    ``bin`` uses row degrees on both sides (every value 1/(k + degree_eps) for k-NN rows); ``sim``
+    divides each value by sqrt(r_i r_j), r the row sums of the kept values (not symmetrised; a
+    non-positive row sum gives inverse degree 0); ``sim_soil`` clamps the result to at least 1e-7;
+    ``raw`` keeps the values.
     """
-    rows = np.repeat(np.arange(n), indices.shape[1])
-    cols = indices.ravel()
-    vals = values.ravel().astype(np.float64)
+    vals = np.asarray(values, dtype=np.float64)
     if flavour == "raw":
         out = vals
     elif flavour == "bin":
-        ones = np.ones_like(vals)
-        deg = np.bincount(rows, weights=ones, minlength=n)
+        deg = np.bincount(rows, minlength=n).astype(np.float64)
         d = inverse_sqrt_degree(deg, degree_eps)
         out = d[rows] * d[cols]
     elif flavour in ("sim", "sim_soil"):
@@ -221,6 +219,13 @@ def knn_matrix(indices: np.ndarray, values: np.ndarray, n: int, flavour: KnnFlav
     else:
         raise ValueError(f"unknown kNN flavour {flavour!r}; use one of raw, bin, sim, sim_soil")
     return sp.csr_matrix((out.astype(np.float32), (rows, cols)), shape=(n, n))
+
+
+def knn_matrix(indices: np.ndarray, values: np.ndarray, n: int, flavour: KnnFlavour = "sim",
+               degree_eps: float = 0.0) -> sp.csr_matrix:
+    """Row-wise kNN lists [n, k] -> normalised sparse n x n matrix (``normalize_edges``)."""
+    rows = np.repeat(np.arange(n), indices.shape[1])
+    return normalize_edges(rows, indices.ravel(), values.ravel(), n, flavour, degree_eps)
 
 
 def cached_knn(dataset, modality: str, k: int, include_self: bool = True, block_size: int = 2048,

@@ -124,14 +124,11 @@ def soil_normalize(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n: in
     a non-positive sum (NaN in the reference) gets inverse degree 0 and is reported."""
     nz = values != 0
     rows, cols, values = rows[nz], cols[nz], values[nz].astype(np.float64)
-    deg = np.bincount(rows, weights=values, minlength=n)
-    bad = int(np.sum(deg < 0))
+    bad = int(np.sum(np.bincount(rows, weights=values, minlength=n) < 0))
     if bad:
         log.warning("SOIL %s: %d rows have a non-positive weighted degree (NaN in the reference); "
                     "their inverse degree is set to 0", what, bad)
-    inv = graph.inverse_sqrt_degree(np.where(deg > 0, deg, 0.0))
-    weights = np.maximum(inv[rows] * values * inv[cols], SOIL_CLAMP)
-    return sp.csr_matrix((weights.astype(np.float32), (rows, cols)), shape=(n, n))
+    return graph.normalize_edges(rows, cols, values, n, "sim_soil")
 
 
 @torch.no_grad()
