@@ -6,7 +6,6 @@ plus ``reg_weight * EmbLoss`` (non-squared Frobenius norms / batch) on the batch
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from mmrec.losses import bpr_loss, emb_loss
