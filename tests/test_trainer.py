@@ -118,3 +118,17 @@ def test_no_weight_decay_prefixes_get_zero_decay(tmp_path):
     groups = build_optimizer(cfg, model).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert groups[1]["params"][0] is model.user_embedding.weight
+
+
+def test_reset_optimizer_each_epoch_restarts_adam_state(tmp_path):
+    from models.bpr import BPR
+
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 2, "stopping_step": 10, "train_batch_size": 32,
+                                                     "learning_rate_scheduler": [0.5, 1]})
+    model = BPR(cfg, ds)
+    model.reset_optimizer_each_epoch = True
+    trainer = Trainer(cfg, model, ds, None)
+    trainer.fit()
+    steps = trainer.optimizer.state[model.user_embedding.weight]["step"]
+    assert int(steps) == len(trainer.batches)  # only the second epoch's steps: state was rebuilt
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["learning_rate"] * 0.25)
