@@ -65,13 +65,21 @@ def atomic_save(obj, path: Path) -> None:
 
 def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The configured optimiser over the trainable parameters.  A model may list parameter-name prefixes
-    in ``no_weight_decay`` (e.g. its ID embedding tables): those get weight decay 0."""
+    in ``no_weight_decay`` (e.g. its ID embedding tables): those get weight decay 0; and it may map
+    prefixes to learning-rate factors in ``lr_scale`` (e.g. ``{"user_embedding": 3.0}``): those train at
+    factor x learning_rate (the scheduler scales every group alike)."""
     lr, wd = float(config["learning_rate"]), float(config["weight_decay"])
     exempt = tuple(getattr(model, "no_weight_decay", ()) or ())
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decayed = [p for n, p in named if not n.startswith(exempt) or not exempt]
-    free = [p for n, p in named if exempt and n.startswith(exempt)]
-    params = [{"params": decayed}] + ([{"params": free, "weight_decay": 0.0}] if free else [])
+    scales = dict(getattr(model, "lr_scale", {}) or {})
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decayed = not (exempt and name.startswith(exempt))
+        scale = next((float(f) for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((decayed, scale), []).append(p)
+    params = [{"params": ps, **({} if decayed else {"weight_decay": 0.0}), **({} if s == 1.0 else {"lr": lr * s})}
+              for (decayed, s), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     learner = str(config["learner"]).lower()
     if learner == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)

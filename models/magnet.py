@@ -220,6 +220,12 @@ class MAGNET(GeneralRecommender):
             self.no_weight_decay = ("user_embedding", "item_embedding")  # decay pulling absent rows to 0
         elif str(cfg["weight_decay_on"]) != "all":
             raise ValueError(f"weight_decay_on must be all or non_embedding, got {cfg['weight_decay_on']!r}")
+        # per-group learning-rate factors (docs/magnet.md): the ID path enters every expert scaled by its
+        # template weight w^B (Eq. 10), so under Adam it learns w^B-times slower than LightGCN's dot product
+        self.lr_scale = {prefix: float(cfg[key]) for key, prefixes in (
+            ("embedding_lr_scale", ("user_embedding", "item_embedding")),
+            ("head_lr_scale", ("heads", "score_vector")),
+            ("cue_lr_scale", ("proj_visual", "proj_text"))) for prefix in prefixes}
         nn.init.xavier_uniform_(self.user_embedding.weight)
         nn.init.xavier_uniform_(self.item_embedding.weight)
         self._build_views(cfg)
@@ -237,6 +243,10 @@ class MAGNET(GeneralRecommender):
         vals = 1.0 / np.maximum(deg[coo.row], 1.0)
         self.user_history_mean = graph.sparse_from_edges(coo.row, coo.col, vals, (self.n_users, self.n_items),
                                                          self.device)
+        self.cue_target = str(cfg["user_cue_target"])
+        if self.cue_target not in ("keep", "exclude"):
+            raise ValueError(f"user_cue_target must be keep or exclude, got {self.cue_target!r}")
+        self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
 
         # expert pool (Eqs. 12-15)
         if self.use_moe:
@@ -260,6 +270,9 @@ class MAGNET(GeneralRecommender):
             raise ValueError(f"templates must be fixed or free, got {self.templates!r}")
         self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
         self.router = Router(str(cfg["router"]), d, self.n_experts) if self.use_moe else None
+        self.router_grad = str(cfg["router_grad"])
+        if self.router_grad not in ("full", "detach"):
+            raise ValueError(f"router_grad must be full or detach, got {self.router_grad!r}")
         self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
         self._fanout_gen = torch.Generator().manual_seed(int(cfg["seed"]))
@@ -394,6 +407,8 @@ class MAGNET(GeneralRecommender):
         h_user_a = graph.spmm(self.user_history_mean, h_item_a)  # Eq. 8
         h_user_s = graph.spmm(self.user_history_mean, h_item_s)
         z = out["z"]
+        # router input q = [z_u; z_i] (Eq. 16); `router_grad: detach` stops the routing path's gradient into z
+        out["z_router"] = z.detach() if self.router_grad == "detach" else z
         out["r_user"] = torch.stack([z[: self.n_users], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
         out["r_item"] = torch.stack([z[self.n_users:], h_item_a, h_item_s], dim=1)
         return out
@@ -418,7 +433,7 @@ class MAGNET(GeneralRecommender):
         xi = self.expert_dropout(self.expert_inputs(w, tables["r_item"][items]))
         s_experts = self.heads.pair(xu, xi)  # Eq. 11: [B, E, d]
         if self.use_moe:
-            z = tables["z"]
+            z = tables["z_router"]
             pi = torch.softmax(self.router.pair(z[users], z[self.n_users + items]), dim=-1)  # Eqs. 16-17
             gates = topk_gates(pi, self.top_k)  # Eqs. 18-19
         else:
@@ -429,7 +444,10 @@ class MAGNET(GeneralRecommender):
     def calculate_loss(self, interaction):
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         tables = self.encode()
-        xu = self.expert_dropout(self.expert_inputs(self.expert_weights(), tables["r_user"][users]))
+        reps_user = tables["r_user"][users]
+        if self.cue_target == "exclude":  # h_u of Eq. 8 over I_u minus the positive being scored
+            reps_user = self._cues_without_target(reps_user, tables["r_item"][pos], users)
+        xu = self.expert_dropout(self.expert_inputs(self.expert_weights(), reps_user))
         y_pos, pi_pos, gates_pos = self.score_pairs(tables, users, pos, xu)
         y_neg, _, _ = self.score_pairs(tables, users, neg, xu)
         zero = y_pos.new_zeros(())
@@ -441,6 +459,14 @@ class MAGNET(GeneralRecommender):
         if self.use_moe:
             out.update(self._routing_terms(pi_pos, gates_pos))
         return out
+
+    def _cues_without_target(self, reps_user, reps_pos, users):
+        """Training-time user cues with the positive item left out of the history mean (docs/magnet.md):
+        (|I_u| h_u - h_i) / (|I_u| - 1); zero for a user whose only training item is the positive."""
+        deg = self.user_degree[users][:, None, None]
+        cues = (deg * reps_user[:, 1:] - reps_pos[:, 1:]) / (deg - 1).clamp_min(1.0)
+        cues = torch.where(deg > 1, cues, torch.zeros_like(cues))
+        return torch.cat([reps_user[:, :1], cues], dim=1)
 
     def _routing_terms(self, pi: torch.Tensor, gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eqs. 22-31 on the positive pairs' dense routing (controller advances only in training)."""
@@ -468,7 +494,7 @@ class MAGNET(GeneralRecommender):
         w = self.expert_weights()
         x_items = self.cached("x_items", lambda: self.expert_inputs(w, tables["r_item"]))  # [I, E, d]
         xu = self.expert_inputs(w, tables["r_user"][users])
-        z = tables["z"]
+        z = tables["z_router"]
         zu, zi = z[users], z[self.n_users:]
         per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1)
         item_block = max(1, self.score_block_budget // max(users.numel() * per_pair, 1))

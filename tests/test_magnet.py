@@ -14,7 +14,7 @@ from models.magnet import (MAGNET, confidence_loss, coverage_loss, entropy, stag
                            view_contrastive)
 from tests.conftest import tiny_setup
 
-SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1}
+SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1, "stage1_min_steps": 0}  # literal Eq. 26
 
 
 @pytest.fixture
@@ -249,3 +249,46 @@ def test_identity_expert_init(make):
     assert (heads.w_had - eye).abs().max() <= 0.1 / math.sqrt(8) + 1e-6
     assert not torch.equal(heads.w_had[0], heads.w_had[1])  # experts still differ (Theta_e)
     assert (make(expert_init="default").heads.w_had.abs() <= 1 / math.sqrt(8)).all()
+
+
+def test_router_grad_detach_keeps_routing_gradient_out_of_z(make):
+    """router_grad=detach: a loss on the routing alone trains the router but leaves the ID tables alone."""
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    for mode, reaches_z in (("full", True), ("detach", False)):
+        m = make(router_grad=mode, dropout=0.0)
+        _, pi, _ = m.score_pairs(m.encode(), users, items)
+        confidence_loss(pi).backward()
+        assert m.router.first.weight.grad is not None
+        grad = m.user_embedding.weight.grad
+        assert (grad is not None and float(grad.abs().sum()) > 0) == reaches_z
+
+
+def test_user_cue_target_exclude_is_the_leave_one_out_mean(make):
+    m = make(user_cue_target="exclude")
+    t = m.encode()
+    deg = m.train_matrix.getnnz(axis=1)
+    u = int(next(i for i in range(m.n_users) if deg[i] >= 2))
+    u1 = int(next(i for i in range(m.n_users) if deg[i] == 1)) if (deg == 1).any() else None
+    hist = m.train_matrix[u].indices
+    users = torch.tensor([u] + ([u1] if u1 is not None else []))
+    pos = torch.tensor([int(hist[0])] + ([int(m.train_matrix[u1].indices[0])] if u1 is not None else []))
+    reps = m._cues_without_target(t["r_user"][users], t["r_item"][pos], users)
+    h_items = m.proj_visual(m.v_feat)
+    torch.testing.assert_close(reps[0, 1], h_items[hist[1:]].mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reps[0, 0], t["r_user"][u, 0])  # z untouched
+    if u1 is not None:
+        assert float(reps[1, 1:].abs().sum()) == 0.0  # no other history: empty mean -> 0
+
+
+def test_lr_scale_groups(make):
+    from mmrec.trainer import build_optimizer
+    m = make(embedding_lr_scale=3.0, head_lr_scale=0.5, weight_decay_on="non_embedding", weight_decay=1e-4)
+    groups = build_optimizer(m.config, m).param_groups
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(m.user_embedding.weight)]["lr"] == pytest.approx(3e-3)
+    assert by_param[id(m.user_embedding.weight)]["weight_decay"] == 0.0
+    assert by_param[id(m.heads.w_had)]["lr"] == pytest.approx(5e-4)
+    assert by_param[id(m.score_vector)]["lr"] == pytest.approx(5e-4)
+    assert by_param[id(m.router.first.weight)]["lr"] == pytest.approx(1e-3)
+    assert by_param[id(m.router.first.weight)]["weight_decay"] == pytest.approx(1e-4)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
