@@ -14,7 +14,8 @@ from models.magnet import (MAGNET, confidence_loss, coverage_loss, entropy, stag
                            view_contrastive)
 from tests.conftest import tiny_setup
 
-SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1, "stage1_min_steps": 0}  # literal Eq. 26
+SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1,
+         "stage1_min_steps": 0, "switch_signal": "dense", "entropy_smoothing": "none"}  # literal Eq. 26
 
 
 @pytest.fixture
