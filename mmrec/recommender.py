@@ -92,6 +92,15 @@ class GeneralRecommender(AbstractRecommender):
         self.t_feat = torch.from_numpy(np.asarray(feats["t"])).to(self.device) if "t" in feats else None
         self.embedding_size = int(config.get("embedding_size", 64))
 
+    def require_both_modalities(self) -> None:
+        """For models that use image and text features: fail before training when one is missing."""
+        if self.v_feat is None or self.t_feat is None:
+            missing = " and ".join(n for n, f in (("image (vision_feature_file)", self.v_feat),
+                                                  ("text (text_feature_file)", self.t_feat)) if f is None)
+            raise ValueError(f"{type(self).__name__} needs both image and text features, but the dataset has no "
+                             f"{missing} features: add the .npy file to the dataset folder or set the key in "
+                             f"configs/dataset/<dataset>.yaml")
+
     def norm_adj(self, flavour: graph.AdjFlavour = "sym", item_item=None) -> torch.Tensor:
         """The normalised (U+I) x (U+I) training adjacency as a torch sparse tensor on the device."""
         return graph.to_torch_sparse(graph.norm_adjacency(self.train_matrix, flavour, item_item), self.device)

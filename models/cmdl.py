@@ -108,8 +108,7 @@ class CMDL(GeneralRecommender):
         self.critic_lr = float(config["learning_rate"])
         self.critic_weight_decay = float(config["critic_weight_decay"])
         self.mi_index_quirk = bool(config["mi_index_quirk"])
-        if self.v_feat is None or self.t_feat is None:
-            raise ValueError("CMDL needs both image (v) and text (t) features")
+        self.require_both_modalities()
 
         self.user_embedding = nn.Embedding(self.n_users, d)
         self.item_embedding = nn.Embedding(self.n_items, d)

@@ -93,8 +93,7 @@ def knn_intersection_edges(image_idx: np.ndarray, text_idx: np.ndarray, group: i
 class GUME(GeneralRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        if self.v_feat is None or self.t_feat is None:
-            raise ValueError("GUME needs both image and text features (vision_feature_file, text_feature_file)")
+        self.require_both_modalities()
         d = self.embedding_size
         self.n_layers = int(config["n_layers"])
         self.n_ui_layers = int(config["n_ui_layers"])

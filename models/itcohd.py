@@ -123,8 +123,7 @@ class ITCoHDMRec(GeneralRecommender):
         self.cl_temperature = float(config["cl_temperature"])
         self.batch_size = int(config["train_batch_size"])
         self.steps = int(config["diff_steps"])
-        if self.v_feat is None or self.t_feat is None:
-            raise ValueError("ITCoHD-MRec needs both image (v) and text (t) features")
+        self.require_both_modalities()
 
         self.user_embedding = nn.Embedding(self.n_users, d)
         self.item_embedding = nn.Embedding(self.n_items, d)

@@ -191,8 +191,7 @@ class MAGNET(GeneralRecommender):
         self.view = str(cfg["view"]).upper()
         if self.view not in ("DV", "SV"):
             raise ValueError(f"view must be DV or SV, got {cfg['view']!r}")
-        if self.v_feat is None or self.t_feat is None:
-            raise ValueError("MAGNET needs both item modalities (image_feat.npy and text_feat.npy)")
+        self.require_both_modalities()
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
         self.lambda_ctr = float(cfg["lambda_ctr"])

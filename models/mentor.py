@@ -74,8 +74,7 @@ class ModalityGCN(nn.Module):
 class MENTOR(GeneralRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        if self.v_feat is None or self.t_feat is None:
-            raise ValueError("MENTOR needs both image and text features (vision_feature_file, text_feature_file)")
+        self.require_both_modalities()
         d = self.embedding_size
         self.n_mm_layers = int(config["n_mm_layers"])
         self.reg_weight = float(config["reg_weight"])

@@ -32,17 +32,10 @@ from mmrec.losses import bpr_loss, half_sq, info_nce
 from mmrec.recommender import GeneralRecommender
 
 
-def require_both_modalities(model: GeneralRecommender) -> None:
-    if model.v_feat is None or model.t_feat is None:
-        raise ValueError(f"{type(model).__name__} needs both image and text features; the dataset "
-                         f"provides {'image' if model.v_feat is not None else 'no image'} and "
-                         f"{'text' if model.t_feat is not None else 'no text'} features")
-
-
 class MGCN(GeneralRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        require_both_modalities(self)
+        self.require_both_modalities()
         d = self.embedding_size
         self.n_ui_layers = int(config["n_ui_layers"])
         self.n_layers = int(config["n_layers"])

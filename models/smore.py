@@ -35,7 +35,6 @@ from mmrec import graph
 from mmrec.layers import BehaviourPurifier, SigmoidGate, item_graph_view
 from mmrec.losses import bpr_loss, half_sq, info_nce
 from mmrec.recommender import GeneralRecommender
-from models.mgcn import require_both_modalities
 
 
 def max_union(a: sp.spmatrix, b: sp.spmatrix) -> sp.csr_matrix:
@@ -67,7 +66,7 @@ class DimensionPreference(nn.Module):
 class SMORE(GeneralRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        require_both_modalities(self)
+        self.require_both_modalities()
         d = self.embedding_size
         self.n_ui_layers = int(config["n_ui_layers"])
         self.n_layers = int(config["n_layers"])
