@@ -19,6 +19,9 @@ import torch
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 DEGREE_EPS = 1e-7
+# spmm(rows=...) slices A[rows] (and its transpose for the backward) only while those rows hold at most
+# this share of A's non-zeros; above it one full product and a row pick cost less (measured, baby_synth)
+ROW_BLOCK_MAX_SHARE = 0.3
 AdjFlavour = Literal["sym", "sym_eps", "rw_self_loop"]
 KnnFlavour = Literal["raw", "bin", "sim", "sim_soil"]
 
@@ -125,14 +128,77 @@ def _csr_pair(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pair
 
 
-def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _csr_tensor(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    return torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int64)),
+                                   torch.from_numpy(matrix.indices.astype(np.int64)),
+                                   torch.from_numpy(np.asarray(matrix.data, dtype=np.float32)),
+                                   matrix.shape, device=device, check_invariants=False)
+
+
+def scipy_csr(adj: torch.Tensor) -> sp.csr_matrix:
+    """A CPU sparse tensor as a scipy CSR sharing its memory (built once per matrix object)."""
+    mat = getattr(adj, "_mmrec_scipy", None)
+    if mat is None:
+        csr, _ = _csr_pair(adj)
+        mat = sp.csr_matrix((csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
+                            shape=tuple(csr.shape))
+        adj._mmrec_scipy = mat
+    return mat
+
+
+def csr_operator(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fixed sparse matrix ready for ``spmm`` / ``propagate``: a CSR tensor with its transpose built
+    by scipy (no sort), for matrices made often, like a neighbour sample drawn every epoch."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    device = torch.device(device)
+    csr = _csr_tensor(matrix, device)
+    csr._mmrec_csr = (csr, _csr_tensor(matrix.T.tocsr(), device))
+    if device.type == "cpu":
+        csr._mmrec_scipy = matrix
+    return csr
+
+
+def row_block(adj: torch.Tensor, rows: torch.Tensor, use_scipy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A[rows], A[rows]^T) as CSR tensors: the rows of a fixed sparse A that a batch needs, and the
+    transpose its backward multiplies by.  Costs O(nnz of those rows), never a pass over all of A.
+    On CPU scipy slices and transposes (compiled, no sort); elsewhere torch ops on the device."""
+    csr, _ = _csr_pair(adj)
+    if use_scipy is None:
+        use_scipy = csr.device.type == "cpu"
+    if use_scipy:
+        sub = scipy_csr(adj)[rows.numpy()]
+        return _csr_tensor(sub, csr.device), _csr_tensor(sub.T.tocsr(), csr.device)
+    crow, col, val = csr.crow_indices(), csr.col_indices(), csr.values()
+    start = crow[rows]
+    count = crow[rows + 1] - start
+    ptr = torch.zeros(rows.numel() + 1, dtype=torch.long, device=csr.device)
+    ptr[1:] = torch.cumsum(count, 0)
+    pos = torch.repeat_interleave(start - ptr[:-1], count) + torch.arange(int(ptr[-1]), device=csr.device)
+    local = torch.repeat_interleave(torch.arange(rows.numel(), device=csr.device), count)
+    sub = torch.sparse_csr_tensor(ptr, col[pos], val[pos], (rows.numel(), csr.shape[1]), check_invariants=False)
+    sub_t = torch.sparse_coo_tensor(torch.stack([col[pos], local]), val[pos], (csr.shape[1], rows.numel()),
+                                    check_invariants=False).coalesce().to_sparse_csr()
+    return sub, sub_t
+
+
+def _row_share(adj: torch.Tensor, rows: torch.Tensor) -> float:
+    """Share of A's non-zeros that lie in ``rows``."""
+    crow = _csr_pair(adj)[0].crow_indices()
+    return float((crow[rows + 1] - crow[rows]).sum()) / max(int(crow[-1]), 1)
+
+
+def spmm(adj: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse (fixed) matrix times dense matrix, differentiable in ``x``.  Use this (or ``propagate``)
-    instead of ``torch.sparse.mm``; a sparse matrix whose values carry gradients falls back to it."""
+    instead of ``torch.sparse.mm``; a sparse matrix whose values carry gradients falls back to it.
+    ``rows`` (a LongTensor) returns only those rows of A x, at the cost of those rows of A."""
     if not adj.is_sparse and adj.layout != torch.sparse_csr:
-        return adj @ x
+        return adj @ x if rows is None else adj[rows] @ x
     if adj.requires_grad:
-        return torch.sparse.mm(adj, x)
-    csr, csr_t = _csr_pair(adj)
+        out = torch.sparse.mm(adj, x)
+        return out if rows is None else out[rows]
+    if rows is not None and _row_share(adj, rows) > ROW_BLOCK_MAX_SHARE:
+        return spmm(adj, x)[rows]  # the rows hold most of A: one full product is cheaper than slicing
+    csr, csr_t = _csr_pair(adj) if rows is None else row_block(adj, rows)
     if x.requires_grad:
         return _CsrMatmul.apply(x, csr, csr_t)
     return torch.sparse.mm(csr, x)
@@ -140,20 +206,30 @@ def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # propagation
-def propagate(adj: torch.Tensor, ego: torch.Tensor, n_layers: int, readout: str = "mean") -> torch.Tensor:
+def propagate(adj: torch.Tensor | list[torch.Tensor], ego: torch.Tensor, n_layers: int, readout: str = "mean",
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """LightGCN propagation H_{l+1} = A H_l; readout ``mean`` over layers 0..L (Eq. 5), ``sum``,
-    or ``last``."""
-    layers = [ego]
+    or ``last``.  ``adj`` may be one matrix or one per layer (neighbour sampling draws each layer's own).
+
+    ``rows``: return only those rows of the readout.  The last layer is then computed for those rows
+    alone (A[rows] H_{L-1}), which also spares its backward a full product: a training step that
+    scores a batch needs L-1 full products forward and L-1 backward instead of L and L."""
+    mats = list(adj) if isinstance(adj, (list, tuple)) else [adj] * n_layers
+    if len(mats) != n_layers:
+        raise ValueError(f"propagate: {len(mats)} adjacency matrices for {n_layers} layers")
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    layers = [pick(ego)]
     h = ego
-    for _ in range(n_layers):
-        h = spmm(adj, h)
-        layers.append(h)
+    for layer, mat in enumerate(mats):
+        last = layer == n_layers - 1
+        h = spmm(mat, h, rows if last else None)
+        layers.append(h if last else pick(h))
     if readout == "mean":
         return torch.stack(layers, dim=0).mean(dim=0)
     if readout == "sum":
         return torch.stack(layers, dim=0).sum(dim=0)
     if readout == "last":
-        return h
+        return layers[-1]
     raise ValueError(f"unknown readout {readout!r}")
 
 

@@ -1,8 +1,9 @@
 """One trainer for every model: fit, evaluate, early stopping, checkpoints and resume.
 
-Per epoch (MMRec's order): pre-epoch hook, training batches, LR step, post-epoch hook, validation,
-early-stopping update, and a test pass only when validation improved (the reported test numbers are
-those of the best validation epoch).  Early stopping follows MMRec exactly: the first evaluation sets
+Per epoch (MMRec's order): pre-epoch hook, training batches, LR step, post-epoch hook, validation and
+the early-stopping update.  The test split is scored once, after training, with the weights of the best
+validation epoch (the reported test numbers are those of that epoch, as in MMRec, which scores test at
+every improvement: the same numbers from one pass instead of one per improvement).  Early stopping follows MMRec exactly: the first evaluation sets
 the best; the valid metric, rounded to ``metric_decimals``, must strictly improve; training stops once
 the count of non-improving evaluations exceeds ``stopping_step``.
 
@@ -120,6 +121,7 @@ class Trainer:
         self.stopped_by = "epochs"
         self.train_times: list[float] = []
         self.eval_times: list[float] = []
+        self._best_state: dict | None = None  # weights of the best validation epoch (CPU copy)
 
     def _build_scheduler(self):
         """MMRec's LambdaLR: epoch e trains at lr * a^(e/b), never below ``learning_rate_floor``."""
@@ -244,17 +246,10 @@ class Trainer:
                 if improved:
                     self.best_score, self.best_epoch, self.bad_evals = score, self.epoch, 0
                     self.best_valid = valid
-                    test_res = self._evaluate("test", keep_topk=save_topk)
-                    self.best_test = test_res["metrics"]
-                    record["test"] = self.best_test
-                    line += "  * best; test " + "  ".join(f"{k} {self.best_test[k]:.4f}"
-                                                         for k in self._shown(self.best_test))
-                    if self.out_dir is not None:
-                        if cfg["checkpoint"]:
-                            atomic_save({"epoch": self.epoch, "model": self.model.state_dict()},
-                                        self.out_dir / "best.pth")
-                        if save_topk:
-                            self._write_topk(test_res)
+                    self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                    line += "  * best"
+                    if self.out_dir is not None and cfg["checkpoint"]:
+                        atomic_save({"epoch": self.epoch, "model": self._best_state}, self.out_dir / "best.pth")
                 else:
                     self.bad_evals += 1
                     stop = self.bad_evals > stopping_step
@@ -269,12 +264,38 @@ class Trainer:
                 atomic_save(self.state_dict(), self.out_dir / "last.pth")
             if stop:
                 break
+        self._test_best(save_topk)
         return {"best_epoch": self.best_epoch, "epochs_run": self.epoch, "valid": self.best_valid,
                 "test": self.best_test, "stopped_by": self.stopped_by, "diverged": diverged,
                 "train_seconds": round(sum(self.train_times), 3),
                 "seconds_per_epoch": round(statistics.median(self.train_times), 4) if self.train_times else None,
                 "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
                 "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history}
+
+    def _test_best(self, save_topk: int) -> None:
+        """Score the test split once with the best validation epoch's weights (left in the model)."""
+        if self.best_epoch < 0:
+            return
+        state = self._best_state
+        best_path = self.out_dir / "best.pth" if self.out_dir is not None else None
+        if state is None and best_path is not None and best_path.exists():  # resumed after an interruption
+            state = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
+        if state is None:
+            log.warning("no weights of the best epoch %d kept (checkpoint off and resumed?): test not scored",
+                        self.best_epoch)
+            return
+        self.model.load_state_dict(state)
+        t0 = time.perf_counter()
+        test_res = self._evaluate("test", keep_topk=save_topk)
+        self.best_test = test_res["metrics"]
+        for record in self.history:
+            if record["epoch"] == self.best_epoch:
+                record["test"] = self.best_test
+        log.info(f"test at the best validation epoch {self.best_epoch}: "
+                 + "  ".join(f"{k} {self.best_test[k]:.4f}" for k in self._shown(self.best_test))
+                 + f"  eval {time.perf_counter() - t0:.2f}s")
+        if self.out_dir is not None and save_topk:
+            self._write_topk(test_res)
 
     def _shown(self, metrics: dict) -> list[str]:
         return [k for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20") if k in metrics]

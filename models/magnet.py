@@ -56,6 +56,31 @@ def topk_gates(pi: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pi).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
 
 
+def topk_softmax_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Eqs. 17-21 over a block of users x items for a router whose logits split into a user and an item
+    part, l_e(u, i) = a_eu + b_ei (the linear router): sum_{e in TopK(l)} softmax_TopK(l)_e y_e.
+
+    y [E, U, I] (v^T s^(e) per expert), a [E, U], b [E, I] -> [U, I].  Equal to Eqs. 17-19 (softmax,
+    Top-K, renormalise), since the renormalised kept probabilities are the softmax over the kept logits;
+    up to float ties.  Works on expert planes (each [U, I] contiguous) and never takes a per-pair exp:
+    exp(l_e) = exp(a_eu) exp(b_ei), shifted by the per-user and per-item maxima."""
+    logits = a.unsqueeze(2) + b.unsqueeze(1)  # [E, U, I]
+    weights = (a - a.amax(0)).exp().unsqueeze(2) * (b - b.amax(0)).exp().unsqueeze(1)
+    if k < logits.shape[0]:
+        rest = logits.clone()  # the k-th largest logit per pair: drop the current maximum k - 1 times
+        for _ in range(k - 1):
+            rest.masked_fill_(rest >= rest.amax(0), -torch.inf)
+        weights.masked_fill_(logits < rest.amax(0), 0.0)
+    total = weights.sum(0)
+    out = weights.mul_(y).sum(0).div_(total)
+    lost = total <= torch.finfo(total.dtype).tiny  # the shifted exps underflowed: take these pairs directly
+    if bool(lost.any()):
+        iu, ii = lost.nonzero(as_tuple=True)
+        kept, idx = logits[:, iu, ii].T.topk(k, dim=-1)
+        out[iu, ii] = (torch.softmax(kept, dim=-1) * y[:, iu, ii].T.gather(-1, idx)).sum(-1)
+    return out
+
+
 def coverage_loss(pi_bar: torch.Tensor) -> torch.Tensor:
     """Eq. 29: sum_e (pi_bar_e - 1/E)^2."""
     return (pi_bar - 1.0 / pi_bar.numel()).pow(2).sum()
@@ -162,7 +187,8 @@ class Router(nn.Module):
         self.second = nn.Linear(dim, n_experts) if kind == "mlp" else None
         self.dim = dim
 
-    def _halves(self, zu: torch.Tensor, zi: torch.Tensor):
+    def halves(self, zu: torch.Tensor, zi: torch.Tensor):
+        """First-layer pre-activations of the user half (with the bias) and of the item half."""
         w = self.first.weight
         return zu @ w[:, : self.dim].T + self.first.bias, zi @ w[:, self.dim:].T
 
@@ -173,7 +199,7 @@ class Router(nn.Module):
 
     def all_pairs(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
         """Logits [U, I, E] for every user x item pair of a block."""
-        hu, hi = self._halves(zu, zi)
+        hu, hi = self.halves(zu, zi)
         h = hu.unsqueeze(1) + hi.unsqueeze(0)
         return self.second(torch.relu(h)) if self.second is not None else h
 
@@ -194,6 +220,11 @@ class MAGNET(GeneralRecommender):
         self.require_both_modalities()
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
+        self.fanout_resample_steps = int(cfg["fanout_resample_steps"])
+        if self.fanout < 0 or self.fanout_resample_steps < 0:
+            raise ValueError(f"fanout ({self.fanout}) and fanout_resample_steps ({self.fanout_resample_steps}) "
+                             "must be >= 0 (fanout 0 = full-graph propagation; resample 0 = once per epoch)")
+        self.seed = int(cfg["seed"])
         self.lambda_ctr = float(cfg["lambda_ctr"])
         self.tau = float(cfg["tau"])
         self.lambda_r = float(cfg["lambda_r"])
@@ -278,21 +309,24 @@ class MAGNET(GeneralRecommender):
             raise ValueError(f"router_grad must be full or detach, got {self.router_grad!r}")
         self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
-        self._fanout_gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self._sampled_views: dict = {}
+        self._train_encodes = 0  # training forwards this epoch (fanout resampling counts them)
         self._init_controller()
         self.to(self.device)
 
     # -- graphs (Sec. 3.2) ----------------------------------------------------------------------
     def _build_views(self, cfg) -> None:
-        self.adj_ui = self.norm_adj("sym")
-        self.adj_uig = None
+        self.adj_ui_cpu = graph.to_torch_sparse(graph.norm_adjacency(self.train_matrix, "sym"))
+        self.adj_ui = self.adj_ui_cpu.to(self.device)
+        self.adj_uig = self.adj_uig_cpu = None
         self.graph_stats: dict = {"view": self.view}
         if self.view == "SV":
             return
         k, r = int(cfg["knn_k"]), int(cfg["expansion_r"])
         induced = cached_induced_edges(self.dataset, k, r, str(cfg["candidate_score"]))
         aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]))
-        self.adj_uig = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"), self.device)
+        self.adj_uig_cpu = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"))  # neighbour sampling reads it
+        self.adj_uig = self.adj_uig_cpu.to(self.device)
         n_plus = int(induced["users"].size)
         pools = induced["pool_sizes"]
         self.graph_stats.update({
@@ -320,7 +354,12 @@ class MAGNET(GeneralRecommender):
         self.register_buffer("ctl_window_count", torch.tensor(0, **long))
         self.register_buffer("ctl_ema", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("ctl_epoch_signal", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("sample_epoch", torch.tensor(0, **long))  # training epochs begun (fanout seed)
         self._reset_epoch_stats()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "sample_epoch", torch.tensor(0))  # checkpoints from before fanout seeding
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _reset_epoch_stats(self) -> None:
         self._stats = {"h_norm": 0.0, "n_eff": 0.0, "signal": 0.0, "max_load": 0.0, "top1_share": 0.0,
@@ -376,6 +415,9 @@ class MAGNET(GeneralRecommender):
     def pre_epoch_processing(self) -> None:
         """Start a new epoch: count the finished one; with ``switch_unit: epoch`` the epoch-mean signal
         drives the counter (W then counts epochs)."""
+        if self.training:
+            self.sample_epoch += 1
+            self._train_encodes = 0
         if self.training and int(self.ctl_epoch_steps) > 0:
             mean_signal = float(self.ctl_epoch_signal) / int(self.ctl_epoch_steps)
             self.ctl_epoch += 1
@@ -394,27 +436,62 @@ class MAGNET(GeneralRecommender):
         return self.lambda_r * a * (stage == 1), self.lambda_r * b * (stage == 2)
 
     # -- forward ---------------------------------------------------------------------------------
-    def encode(self) -> dict[str, torch.Tensor]:
-        """Backbone (Eqs. 4-6) and modality cues (Eqs. 7-8) for all users and items."""
+    def views(self) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
+        """The propagation matrices of G_UI and G_UIG: the full graphs, or in training with ``fanout`` F > 0
+        a neighbour sample per layer (Eq. 4), redrawn once per epoch (or every ``fanout_resample_steps``
+        steps) from a seed of (seed, epoch, draw), so a resumed run draws the same samples."""
+        if not (self.training and self.fanout > 0):
+            return {"ui": self.adj_ui, "uig": self.adj_uig}
+        draw = self._train_encodes // self.fanout_resample_steps if self.fanout_resample_steps else 0
+        key = (int(self.sample_epoch), draw)
+        if self._sampled_views.get("key") != key:
+            rng = np.random.default_rng([self.seed, *key])
+            self._sampled_views = {"key": key, **{
+                name: None if adj is None else [
+                    graph.csr_operator(sample_fanout(graph.scipy_csr(adj), self.fanout, rng), self.device)
+                    for _ in range(self.n_layers)]
+                for name, adj in (("ui", self.adj_ui_cpu), ("uig", self.adj_uig_cpu))}}
+        return self._sampled_views
+
+    def encode(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None) -> dict:
+        """Backbone (Eqs. 4-6) and modality cues (Eqs. 7-8) for the given users and items (all when None).
+
+        Rows come in the order given: node tables (``z*``) hold the users, then the items; ``r_user`` /
+        ``r_item`` the users / the items.  A training batch asks for its own users and items only: the last
+        propagation layer and the cues are then computed for those rows alone (``graph.propagate`` with
+        ``rows``; f_m is linear, so a user's cue is f_m of the mean raw feature of its history), equal to
+        the full computation restricted to those rows."""
+        if self.training:
+            self._train_encodes += 1
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
-        sample = self.training and self.fanout > 0
-        adj_ui = sample_fanout(self.adj_ui, self.fanout, self._fanout_gen) if sample else self.adj_ui
-        z_ui = graph.propagate(adj_ui, ego, self.n_layers)  # Eq. 5
-        out = {"z_ui": z_ui, "z_uig": None, "z": z_ui}
-        if self.adj_uig is not None:
-            adj_uig = sample_fanout(self.adj_uig, self.fanout, self._fanout_gen) if sample else self.adj_uig
-            z_uig = graph.propagate(adj_uig, ego, self.n_layers)
+        rows = None if users is None else torch.cat([users, items + self.n_users])
+        views = self.views()
+        z_ui = graph.propagate(views["ui"], ego, self.n_layers, rows=rows)  # Eq. 5
+        out = {"z_ui": z_ui, "z_uig": None, "z": z_ui, "n_users": self.n_users if users is None else users.numel()}
+        if views["uig"] is not None:
+            z_uig = graph.propagate(views["uig"], ego, self.n_layers, rows=rows)
             out.update(z_uig=z_uig, z=0.5 * (z_ui + z_uig))  # Eq. 6
-        h_item_a = self.proj_visual(self.v_feat)  # Eq. 7
-        h_item_s = self.proj_text(self.t_feat)
-        h_user_a = graph.spmm(self.user_history_mean, h_item_a)  # Eq. 8
-        h_user_s = graph.spmm(self.user_history_mean, h_item_s)
-        z = out["z"]
+        h_item_a, h_user_a = self._cues(self.proj_visual, self.v_feat, users, items)  # Eqs. 7-8
+        h_item_s, h_user_s = self._cues(self.proj_text, self.t_feat, users, items)
+        z, n_u = out["z"], out["n_users"]
         # router input q = [z_u; z_i] (Eq. 16); `router_grad: detach` stops the routing path's gradient into z
         out["z_router"] = z.detach() if self.router_grad == "detach" else z
-        out["r_user"] = torch.stack([z[: self.n_users], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
-        out["r_item"] = torch.stack([z[self.n_users:], h_item_a, h_item_s], dim=1)
+        out["r_user"] = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
+        out["r_item"] = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
         return out
+
+    def _cues(self, proj: nn.Linear, feats: torch.Tensor, users, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h^m of the items, h^m of the users): Eq. 7 and Eq. 8's mean over each user's training items.
+        For a batch: h_u = W (mean_{i in I_u} x_i) + b, exact because f_m is linear."""
+        if users is None:
+            h_items = proj(feats)
+            return h_items, graph.spmm(self.user_history_mean, h_items)
+        if items.numel() > 0.5 * self.n_items:  # most items are needed anyway: project all, read the rows
+            h_items = proj(feats)
+            return h_items[items], graph.spmm(self.user_history_mean, h_items, rows=users)
+        mean_raw = graph.spmm(self.user_history_mean, feats, rows=users)  # [B, feature dim]
+        has_history = (self.user_degree[users] > 0).to(mean_raw.dtype).unsqueeze(1)
+        return proj(feats[items]), mean_raw @ proj.weight.T + has_history * proj.bias
 
     def expert_weights(self) -> torch.Tensor:
         """w_e over [B, A, S] for every expert [E, 3] (fixed templates or free softmax mixtures)."""
@@ -429,7 +506,8 @@ class MAGNET(GeneralRecommender):
 
     def score_pairs(self, tables: dict, users: torch.Tensor, items: torch.Tensor,
                     user_inputs: torch.Tensor | None = None):
-        """Alg. 1 for aligned (user, item) rows: returns (y [B], dense pi [B, E] or None, gates [B, E])."""
+        """Alg. 1 for aligned (user, item) rows of ``tables`` (row positions in ``encode``'s output; the
+        ids themselves when it encoded everything): returns (y [B], dense pi [B, E] or None, gates [B, E])."""
         w = self.expert_weights()
         xu = user_inputs if user_inputs is not None else self.expert_dropout(
             self.expert_inputs(w, tables["r_user"][users]))
@@ -437,7 +515,7 @@ class MAGNET(GeneralRecommender):
         s_experts = self.heads.pair(xu, xi)  # Eq. 11: [B, E, d]
         if self.use_moe:
             z = tables["z_router"]
-            pi = torch.softmax(self.router.pair(z[users], z[self.n_users + items]), dim=-1)  # Eqs. 16-17
+            pi = torch.softmax(self.router.pair(z[users], z[tables["n_users"] + items]), dim=-1)  # Eqs. 16-17
             gates = topk_gates(pi, self.top_k)  # Eqs. 18-19
         else:
             pi, gates = None, torch.ones(users.numel(), 1, device=users.device)
@@ -446,17 +524,22 @@ class MAGNET(GeneralRecommender):
 
     def calculate_loss(self, interaction):
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
-        tables = self.encode()
-        reps_user = tables["r_user"][users]
+        # the batch's own users and items (sorted), and each pair's position among them
+        batch_users, u_at = torch.unique(users, return_inverse=True)
+        batch_items, i_at = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        pos_at, neg_at = i_at[: pos.numel()], i_at[pos.numel():]
+        tables = self.encode(batch_users, batch_items)
+        reps_user = tables["r_user"][u_at]
         if self.cue_target == "exclude":  # h_u of Eq. 8 over I_u minus the positive being scored
-            reps_user = self._cues_without_target(reps_user, tables["r_item"][pos], users)
+            reps_user = self._cues_without_target(reps_user, tables["r_item"][pos_at], users)
         xu = self.expert_dropout(self.expert_inputs(self.expert_weights(), reps_user))
-        y_pos, pi_pos, gates_pos = self.score_pairs(tables, users, pos, xu)
-        y_neg, _, _ = self.score_pairs(tables, users, neg, xu)
+        y_pos, pi_pos, gates_pos = self.score_pairs(tables, u_at, pos_at, xu)
+        y_neg, _, _ = self.score_pairs(tables, u_at, neg_at, xu)
         zero = y_pos.new_zeros(())
         out = {"bpr": bpr_loss(y_pos, y_neg, "mean"), "ctr": zero, "cov": zero, "conf": zero}  # Eq. 27 (mean)
-        if tables["z_uig"] is not None and self.lambda_ctr > 0:  # Eq. 28, DV only
-            bu, bi = torch.unique(users), torch.unique(pos) + self.n_users
+        if tables["z_uig"] is not None and self.lambda_ctr > 0:  # Eq. 28, DV only: the batch's users and
+            bu = torch.arange(batch_users.numel(), device=users.device)  # its positive items, in id order
+            bi = torch.unique(pos_at) + batch_users.numel()
             z_ui, z_uig = tables["z_ui"], tables["z_uig"]
             out["ctr"] = self.lambda_ctr * view_contrastive(z_ui[bu], z_uig[bu], z_ui[bi], z_uig[bi], self.tau)
         if self.use_moe:
@@ -499,6 +582,8 @@ class MAGNET(GeneralRecommender):
         xu = self.expert_inputs(w, tables["r_user"][users])
         z = tables["z_router"]
         zu, zi = z[users], z[self.n_users:]
+        if self.use_moe and self.router.kind == "linear" and self.heads.kind == "hadamard":
+            return self._rank_hadamard(tables, xu, zu, zi)
         per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1)
         item_block = max(1, self.score_block_budget // max(users.numel() * per_pair, 1))
         scores = torch.empty(users.numel(), self.n_items, device=z.device)
@@ -510,6 +595,23 @@ class MAGNET(GeneralRecommender):
                 scores[:, lo:hi] = (gates * y_experts).sum(-1)  # Eqs. 19-21 (v^T is linear)
             else:
                 scores[:, lo:hi] = y_experts[..., 0]
+        return scores
+
+    def _rank_hadamard(self, tables: dict, xu: torch.Tensor, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
+        """Full ranking for the default head and router, in expert planes: y_e = <(W_e x_u) * v, x_i> as one
+        batched product per user chunk, gates by ``topk_softmax_mix``; the same scores as the general path."""
+        w = self.expert_weights()
+        x_items_t = self.cached("x_items_t", lambda: self.expert_inputs(w, tables["r_item"]).permute(1, 2, 0)
+                                .contiguous())  # [E, d, I]
+        item_logits = self.cached("item_logits", lambda: self.router.halves(zu[:0], zi)[1].T.contiguous())  # [E, I]
+        user_vecs = torch.einsum("efd,ued->euf", self.heads.w_had, xu) * self.score_vector  # [E, U, d]
+        user_logits = self.router.halves(zu, zi[:0])[0].T  # [E, U]
+        chunk = max(1, self.score_block_budget // max(self.n_experts * self.n_items, 1))
+        scores = torch.empty(xu.shape[0], self.n_items, device=xu.device)
+        for lo in range(0, xu.shape[0], chunk):
+            hi = min(lo + chunk, xu.shape[0])
+            y = torch.bmm(user_vecs[:, lo:hi], x_items_t)  # Eq. 11 + 21 per expert: [E, chunk, I]
+            scores[lo:hi] = topk_softmax_mix(y, user_logits[:, lo:hi], item_logits, self.top_k)
         return scores
 
     # -- reporting -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from mmrec import graph
 from mmrec.config import load_config
 from mmrec.data import RecDataset
 from models.magnet_graph import (augmented_matrix, build_induced_edges, cached_induced_edges, group_order,
-                                 sample_fanout, template_pool)
+                                 template_pool)
 from tests.conftest import random_interactions, write_dataset
 
 PINNED = np.array([  # MAGNET.md section 4, (alpha, beta, delta, eps) = (.6, .2, .5, .05), global
@@ -168,14 +168,3 @@ def test_augmented_view_normalisation():
     assert adj[0, 2 + 0] == pytest.approx(1 / np.sqrt(2 * 1))
     scored = augmented_matrix(train, induced, "score").toarray()
     np.testing.assert_allclose(scored, [[1, 0, 1], [0, 1, 1]])
-
-
-def test_fanout_sampling_caps_degree():
-    adj = graph.to_torch_sparse(graph.norm_adjacency(sp.csr_matrix(np.ones((4, 6), dtype=np.float32)), "sym"))
-    sampled = sample_fanout(adj, 2, torch.Generator().manual_seed(0))
-    rows = sampled.indices()[0]
-    assert torch.bincount(rows, minlength=10).max() <= 2
-    # kept weights are rescaled by deg / kept: each user row still sums to the full row sum
-    full = torch.sparse.sum(adj, 1).to_dense()
-    torch.testing.assert_close(torch.sparse.sum(sampled, 1).to_dense()[:4], full[:4])
-    assert torch.equal(sample_fanout(adj, 100).to_dense(), adj.to_dense())
