@@ -1,18 +1,21 @@
-"""MAGNET cost on a Baby-sized dataset, against LightGCN measured in the same run.
+"""MAGNET cost on a Baby-sized dataset, against LightGCN measured in the same run, with a per-phase profile.
 
-    python benchmarks/bench_magnet.py                     # baby_synth (19,445 users, 7,050 items)
-    python benchmarks/bench_magnet.py --dataset mini --train-batches 10 --eval-blocks 1
+    python benchmarks/bench_magnet.py                     # baby_synth (19,445 users, 7,050 items), all threads
+    python benchmarks/bench_magnet.py --dataset mini --train-batches 5 --threads 1
 
-Prints, for MAGNET-DV and MAGNET-SV, seconds per epoch and per full evaluation (each timed on a fixed
-number of training batches / evaluation user blocks and extrapolated to the whole epoch / user set),
-each as a ratio to LightGCN; and the time and peak memory (the process's VmHWM increase, measured in a
+Prints Markdown tables: for LightGCN, MAGNET-DV (full propagation), MAGNET-DV with a neighbour-sampling
+fanout and MAGNET-SV, seconds per training epoch (mean step time over a fixed number of steps times the
+steps per epoch, plus the per-epoch neighbour sample) and per full evaluation pass (``evaluate`` on the
+validation split, as the trainer runs it), each as a ratio to LightGCN; then the training step split
+into phases (batch sampling, propagation per view, cues, head/router/losses, optimiser step) and the
+full ranking split into phases (forward once per pass; per 2,048-user block: expert scores, Top-K gates,
+masking and top-K).  Before that, the time and peak memory (the process's VmHWM increase, measured in a
 child process) to build E+ with its kNN lists from an empty cache (cold) and to load it back (warm).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -60,63 +63,162 @@ def build_child(dataset: str, cache_dir: str, data_path: str) -> dict:
             "cache_hits": ds.cache.hits, "cache_misses": ds.cache.misses}
 
 
-def run_child(dataset: str, cache_dir: str, data_path: str) -> dict:
+def run_child(dataset: str, cache_dir: str, data_path: str, threads: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", "--dataset", dataset, "--cache-dir", cache_dir,
-                          "--data-path", data_path], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                          "--data-path", data_path, "--threads", str(threads)], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_model(model_name: str, dataset: str, sets: dict, train_batches: int, eval_blocks: int) -> dict:
+def _timed(fn, repeat: int = 1) -> tuple[float, object]:
+    """(mean seconds of ``repeat`` calls after one warm-up call, last result)."""
+    out = fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    return (time.perf_counter() - t0) / repeat, out
+
+
+def _backward_of(out: torch.Tensor) -> None:
+    (out * torch.ones_like(out)).sum().backward()
+
+
+def magnet_phases(model, batch: dict) -> dict:
+    """Seconds of each training phase of one MAGNET step (forward + backward), measured in isolation on
+    the batch's own rows, as ``calculate_loss`` computes them."""
+    from mmrec import graph
+
+    users, items = torch.unique(batch["users"]), torch.unique(torch.cat([batch["pos_items"], batch["neg_items"]]))
+    rows = torch.cat([users, items + model.n_users])
+    views = model.views()
+    out = {}
+    for name in ("ui", "uig"):
+        if views[name] is None:
+            continue
+
+        def prop(view=views[name]):
+            ego = torch.cat([model.user_embedding.weight, model.item_embedding.weight]).detach().requires_grad_()
+            _backward_of(graph.propagate(view, ego, model.n_layers, rows=rows))
+        out[f"propagation G_{name.upper()}"] = _timed(prop, 3)[0]
+
+    def cues():
+        model.zero_grad()
+        for proj, feats in ((model.proj_visual, model.v_feat), (model.proj_text, model.t_feat)):
+            h_items, h_users = model._cues(proj, feats, users, items)
+            _backward_of(torch.cat([h_items, h_users]))
+    out["cues f_A, f_S (Eqs. 7-8)"] = _timed(cues, 3)[0]
+    return out
+
+
+def time_model(model_name: str, dataset: str, sets: dict, train_batches: int, eval_passes: int) -> dict:
+    """Training epoch (mean step x steps, plus the per-epoch neighbour sample), one full evaluation pass
+    (``evaluate`` on the validation split: forward, scoring, masking, top-K, metrics) and, for MAGNET,
+    the per-phase split of both."""
+    from mmrec.evaluation import evaluate
+    from mmrec.trainer import build_optimizer
+
     cfg = load_config(model_name, dataset, sets)
     ds = RecDataset(cfg)
     torch.manual_seed(0)
     model = get_model(model_name)(cfg, ds)
-    opt = torch.optim.Adam(model.parameters(), lr=float(cfg["learning_rate"]), weight_decay=float(cfg["weight_decay"]))
+    opt = build_optimizer(cfg, model)
     batches = TrainBatches(ds, int(cfg["train_batch_size"]), 0)
+    is_magnet = model_name == "MAGNET"
     model.train()
+    t0 = time.perf_counter()
     model.pre_epoch_processing()
-    times = []
-    for b, batch in enumerate(batches.epoch()):
-        if b > train_batches:
-            break
+    if is_magnet:
+        model.views()  # the epoch's neighbour sample (fanout > 0)
+    per_epoch = time.perf_counter() - t0
+    phases = {"batch sampling": [], "step (forward + backward)": [], "optimiser step": []}
+    it = batches.epoch()
+    batch = None
+    for b in range(train_batches + 1):
         t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
         opt.zero_grad()
         out = model.calculate_loss(batch)
         loss = sum(out.values()) if isinstance(out, dict) else out
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
+        t3 = time.perf_counter()
         if b > 0:  # the first batch is warm-up
-            times.append(time.perf_counter() - t0)
-    epoch_s = float(np.mean(times)) * len(batches)
+            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name].append(dt)
+    step = {name: float(np.mean(v)) for name, v in phases.items()}
+    epoch_s = sum(step.values()) * len(batches) + per_epoch
+    res = {"epoch_s": epoch_s, "batches_per_epoch": len(batches), "timed_batches": train_batches,
+           "train_phases_ms": {k: 1000 * v for k, v in step.items()}}
+    if is_magnet:
+        parts = magnet_phases(model, batch)
+        res["train_phases_ms"].update({k: 1000 * v for k, v in parts.items()})
+        res["train_phases_ms"]["head, router, losses (rest of the step)"] = 1000 * (
+            step["step (forward + backward)"] - sum(parts.values()))
+        res["train_phases_ms"]["fanout sample (per epoch)"] = 1000 * per_epoch
     model.eval()
+    ks = sorted(int(k) for k in cfg["topk"])
     block = int(cfg["eval_batch_size"])
-    users = torch.arange(ds.n_users)
-    n_blocks = (ds.n_users + block - 1) // block
-    with torch.no_grad():
-        model.start_evaluation()
-        t0 = time.perf_counter()
-        timed = 0
-        for s in range(0, min(eval_blocks, n_blocks) * block, block):
-            model.full_sort_predict({"users": users[s:s + block]})
-            timed += 1
-        eval_s = (time.perf_counter() - t0) / timed * n_blocks  # includes the per-pass forward once
+    res["eval_s"] = _timed(lambda: evaluate(model, ds, "valid", ks, list(cfg["metrics"]), block), eval_passes)[0]
+    if is_magnet:
+        res["eval_phases_ms"] = magnet_eval_phases(model, ds, block)
+    return res
+
+
+@torch.no_grad()
+def magnet_eval_phases(model, ds, block: int) -> dict:
+    """Milliseconds of each full-ranking phase for one block of ``block`` users (the default path: expert
+    planes, ``topk_softmax_mix``), and the forward that runs once per pass."""
+    from models.magnet import topk_softmax_mix
+
+    model.start_evaluation()
+    try:
+        forward, tables = _timed(model.encode)
+        users = torch.arange(min(block, ds.n_users))
+        w = model.expert_weights()
+        x_items_t = model.expert_inputs(w, tables["r_item"]).permute(1, 2, 0).contiguous()
+        z = tables["z_router"]
+        xu = model.expert_inputs(w, tables["r_user"][users])
+        user_vecs = torch.einsum("efd,ued->euf", model.heads.w_had, xu) * model.score_vector
+        a, b = model.router.halves(z[users], z[model.n_users:])
+        a, b = a.T.contiguous(), b.T.contiguous()
+        chunk = max(1, model.score_block_budget // (model.n_experts * model.n_items))
+        heads = gates = 0.0
+        scores = torch.empty(users.numel(), model.n_items)
+        for lo in range(0, users.numel(), chunk):
+            hi = min(lo + chunk, users.numel())
+            t0 = time.perf_counter()
+            y = torch.bmm(user_vecs[:, lo:hi], x_items_t)
+            t1 = time.perf_counter()
+            scores[lo:hi] = topk_softmax_mix(y, a[:, lo:hi], b, model.top_k)
+            heads, gates = heads + t1 - t0, gates + time.perf_counter() - t1
+        train = ds.train_matrix.tocsr()[users.numpy()].tocoo()
+
+        def rank():
+            s = scores.clone()
+            s[torch.from_numpy(train.row).long(), torch.from_numpy(train.col).long()] = -torch.inf
+            return torch.topk(s, 20, dim=1)
+        topk = _timed(rank)[0]
+    finally:
         model.end_evaluation()
-    return {"epoch_s": epoch_s, "eval_s": eval_s, "batches_per_epoch": len(batches), "timed_batches": len(times),
-            "eval_blocks": f"{timed}/{n_blocks}"}
+    return {"forward (once per pass)": 1000 * forward, "expert scores y_e (bmm), per block": 1000 * heads,
+            "router Top-K gates + mix, per block": 1000 * gates, "mask + top-K, per block": 1000 * topk}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="baby_synth")
-    p.add_argument("--train-batches", type=int, default=20)
-    p.add_argument("--eval-blocks", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-batches", type=int, default=10, help="timed training steps per model")
+    p.add_argument("--eval-passes", type=int, default=1, help="timed full evaluation passes per model")
+    p.add_argument("--fanout", type=int, default=20, help="F of the sampled MAGNET-DV row (0: no such row)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, all cores)")
     p.add_argument("--data-path", default=str(ROOT / "data"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     if a.child:
         print(json.dumps(build_child(a.dataset, a.cache_dir, a.data_path)))
         return
@@ -125,24 +227,43 @@ def main() -> None:
     if a.dataset in PRESETS:
         ensure_dataset(Path(a.data_path), a.dataset)
     with tempfile.TemporaryDirectory(prefix="bench_magnet_") as cache:
-        cold = run_child(a.dataset, cache, a.data_path)
-        warm = run_child(a.dataset, cache, a.data_path)
+        cold = run_child(a.dataset, cache, a.data_path, a.threads)
+        warm = run_child(a.dataset, cache, a.data_path, a.threads)
         print(f"E+ on {a.dataset}: {cold['edges']:,} induced edges")
         print(f"  build (cold, kNN + E+): {cold['seconds']:8.2f} s   peak +{cold['peak_mib']:8.1f} MiB")
         print(f"  load  (warm, cache)   : {warm['seconds']:8.2f} s   peak +{warm['peak_mib']:8.1f} MiB  "
-              f"(hits {warm['cache_hits']}, misses {warm['cache_misses']})")
+              f"(hits {warm['cache_hits']}, misses {warm['cache_misses']})", flush=True)
         sets = {"cache_dir": cache, "data_path": a.data_path, "num_threads": a.threads}
-        rows = {"LightGCN": time_model("LightGCN", a.dataset, sets, a.train_batches, a.eval_blocks)}
-        for view in ("DV", "SV"):
-            rows[f"MAGNET-{view}"] = time_model("MAGNET", a.dataset, {**sets, "view": view}, a.train_batches,
-                                                a.eval_blocks)
+        variants = [("LightGCN", "LightGCN", {}), ("MAGNET-DV", "MAGNET", {"view": "DV"})]
+        if a.fanout > 0:
+            variants.append((f"MAGNET-DV F={a.fanout}", "MAGNET", {"view": "DV", "fanout": a.fanout}))
+        variants.append(("MAGNET-SV", "MAGNET", {"view": "SV"}))
+        rows = {}
+        for label, model, extra in variants:
+            rows[label] = time_model(model, a.dataset, {**sets, **extra}, a.train_batches, a.eval_passes)
+            print(f"  timed {label}", flush=True)
     base = rows["LightGCN"]
-    print(f"\n{'model':<11} {'s/epoch':>9} {'x LGCN':>7} {'s/eval':>9} {'x LGCN':>7}   (timed batches, eval blocks)")
+    print(f"\n{a.dataset}, {torch.get_num_threads()} CPU thread(s); epoch = mean of {a.train_batches} steps x steps "
+          f"per epoch (+ the per-epoch sample); eval = one full `evaluate` pass on the validation split\n")
+    print("| model | batch | s/epoch | x LightGCN | s/eval pass | x LightGCN |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"{name:<11} {r['epoch_s']:9.2f} {r['epoch_s'] / base['epoch_s']:7.2f} {r['eval_s']:9.2f} "
-              f"{r['eval_s'] / base['eval_s']:7.2f}   ({r['timed_batches']} of {r['batches_per_epoch']}, "
-              f"{r['eval_blocks']})")
-    print(json.dumps({"dataset": a.dataset, "threads": a.threads, "cold": cold, "warm": warm, "timing": rows}))
+        batch = 2048 if name == "LightGCN" else 1024
+        print(f"| {name} | {r['batches_per_epoch']} x {batch} | {r['epoch_s']:.2f} | {r['epoch_s'] / base['epoch_s']:.2f} "
+              f"| {r['eval_s']:.2f} | {r['eval_s'] / base['eval_s']:.2f} |")
+    names = [n for n in rows if n != "LightGCN"]
+    print("\nTraining step, ms (forward + backward unless noted)\n")
+    print("| phase | LightGCN | " + " | ".join(names) + " |\n|---|" + "---|" * (len(names) + 1))
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r["train_phases_ms"]))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{rows[n]['train_phases_ms'][k]:.1f}" if k in rows[n]["train_phases_ms"]
+                                      else "" for n in rows) + " |")
+    print("\nFull ranking, ms\n")
+    ev = [n for n in names if "F=" not in n]  # fanout changes training only
+    print("| phase | " + " | ".join(ev) + " |\n|---|" + "---|" * len(ev))
+    for k in rows[ev[0]]["eval_phases_ms"]:
+        print(f"| {k} | " + " | ".join(f"{rows[n]['eval_phases_ms'][k]:.1f}" for n in ev) + " |")
+    print(json.dumps({"dataset": a.dataset, "threads": torch.get_num_threads(), "cold": cold, "warm": warm,
+                      "timing": rows}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
   MMRec BPR/LightGCN), ``log2`` (-log2 sigmoid: MENTOR).
 - ``emb_loss``: MMRec's EmbLoss, the sum of *non-squared* Frobenius norms divided by the batch size.
 - ``half_sq``: 0.5 * sum of squared norms / configured batch size.
-- ``info_nce``: in-batch InfoNCE on L2-normalised views, positives on the diagonal.
+- ``info_nce``: in-batch InfoNCE on L2-normalised views, positives on the diagonal (``info_nce_both_ways``:
+  both directions from one similarity matrix).
 - ``mean_var_alignment``: |var(X) - var(Y)| + |mean(X) - mean(Y)| over whole tensors.
 - ``simgcl_perturb``: x + sign(x) * normalize(U[0,1) noise) * eps.
 """
@@ -44,6 +45,16 @@ def info_nce(view1: torch.Tensor, view2: torch.Tensor, temperature: float) -> to
     z2 = F.normalize(view2, dim=1)
     logits = z1 @ z2.T / temperature
     return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+def info_nce_both_ways(view1: torch.Tensor, view2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """info_nce(view1, view2) + info_nce(view2, view1) from one similarity matrix (the second direction
+    is the first's transpose): half the products of calling ``info_nce`` twice, same value."""
+    z1 = F.normalize(view1, dim=1)
+    z2 = F.normalize(view2, dim=1)
+    logits = z1 @ z2.T / temperature
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 
 
 def info_nce_blocked(view1: torch.Tensor, view2: torch.Tensor, temperature: float,

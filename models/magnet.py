@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mmrec import graph
-from mmrec.losses import bpr_loss, info_nce
+from mmrec.losses import bpr_loss, info_nce_both_ways
 from mmrec.recommender import GeneralRecommender
 from models.magnet_graph import augmented_matrix, cached_induced_edges, sample_fanout, template_pool
 
@@ -106,9 +106,7 @@ def stage_weight_factors(h_norm: float, form: str) -> tuple[float, float]:
 
 def view_contrastive(a_users, b_users, a_items, b_items, tau: float) -> torch.Tensor:
     """Eq. 28: 1/2 [(L_U + L_I)^{a->b} + (L_U + L_I)^{b->a}], in-batch InfoNCE on cosine / tau."""
-    forward = info_nce(a_users, b_users, tau) + info_nce(a_items, b_items, tau)
-    backward = info_nce(b_users, a_users, tau) + info_nce(b_items, a_items, tau)
-    return 0.5 * (forward + backward)
+    return 0.5 * (info_nce_both_ways(a_users, b_users, tau) + info_nce_both_ways(a_items, b_items, tau))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,14 +146,23 @@ class ExpertHeads(nn.Module):
             self.w2 = _uniform((e, d, d), d)  # [E, hidden, out]
             self.b2 = _uniform((e, d), d)
 
-    def pair(self, xu: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        """Pair representations s^(e) [B, E, d] from x_u, x_i [B, E, d]."""
+    def user_side(self, xu: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads' user-only products (W_e x_u; x_u W1_user), computed once for a user's pairs."""
+        out = {}
+        if self.use_hadamard:
+            out["had"] = torch.einsum("efd,bed->bef", self.w_had, xu)
+        if self.use_mlp:
+            out["mlp"] = torch.einsum("bed,edh->beh", xu, self.w1_user)
+        return out
+
+    def pair(self, xu: torch.Tensor, xi: torch.Tensor, user_side: dict | None = None) -> torch.Tensor:
+        """Pair representations s^(e) [B, E, d] from x_u, x_i [B, E, d] (``user_side``: ``user_side(xu)``)."""
+        side = user_side if user_side is not None else self.user_side(xu)
         out = 0
         if self.use_hadamard:
-            out = out + torch.einsum("efd,bed->bef", self.w_had, xu) * xi
+            out = out + side["had"] * xi
         if self.use_mlp:
-            hidden = torch.relu(torch.einsum("bed,edh->beh", xu, self.w1_user)
-                                + torch.einsum("bed,edh->beh", xi, self.w1_item) + self.b1)
+            hidden = torch.relu(side["mlp"] + torch.einsum("bed,edh->beh", xi, self.w1_item) + self.b1)
             out = out + torch.einsum("beh,ehf->bef", hidden, self.w2) + self.b2
         return out
 
@@ -505,14 +512,14 @@ class MAGNET(GeneralRecommender):
         return torch.einsum("em,nmd->ned", weights, reps)
 
     def score_pairs(self, tables: dict, users: torch.Tensor, items: torch.Tensor,
-                    user_inputs: torch.Tensor | None = None):
+                    user_inputs: torch.Tensor | None = None, user_side: dict | None = None):
         """Alg. 1 for aligned (user, item) rows of ``tables`` (row positions in ``encode``'s output; the
         ids themselves when it encoded everything): returns (y [B], dense pi [B, E] or None, gates [B, E])."""
         w = self.expert_weights()
         xu = user_inputs if user_inputs is not None else self.expert_dropout(
             self.expert_inputs(w, tables["r_user"][users]))
         xi = self.expert_dropout(self.expert_inputs(w, tables["r_item"][items]))
-        s_experts = self.heads.pair(xu, xi)  # Eq. 11: [B, E, d]
+        s_experts = self.heads.pair(xu, xi, user_side)  # Eq. 11: [B, E, d]
         if self.use_moe:
             z = tables["z_router"]
             pi = torch.softmax(self.router.pair(z[users], z[tables["n_users"] + items]), dim=-1)  # Eqs. 16-17
@@ -533,8 +540,9 @@ class MAGNET(GeneralRecommender):
         if self.cue_target == "exclude":  # h_u of Eq. 8 over I_u minus the positive being scored
             reps_user = self._cues_without_target(reps_user, tables["r_item"][pos_at], users)
         xu = self.expert_dropout(self.expert_inputs(self.expert_weights(), reps_user))
-        y_pos, pi_pos, gates_pos = self.score_pairs(tables, u_at, pos_at, xu)
-        y_neg, _, _ = self.score_pairs(tables, u_at, neg_at, xu)
+        side = self.heads.user_side(xu)  # shared by the positive and the negative pair
+        y_pos, pi_pos, gates_pos = self.score_pairs(tables, u_at, pos_at, xu, side)
+        y_neg, _, _ = self.score_pairs(tables, u_at, neg_at, xu, side)
         zero = y_pos.new_zeros(())
         out = {"bpr": bpr_loss(y_pos, y_neg, "mean"), "ctr": zero, "cov": zero, "conf": zero}  # Eq. 27 (mean)
         if tables["z_uig"] is not None and self.lambda_ctr > 0:  # Eq. 28, DV only: the batch's users and

@@ -194,3 +194,11 @@ def test_test_split_scored_once_with_the_best_weights(tmp_path, monkeypatch):
     assert {k: fit["test"][k] for k in expected} == expected
     assert [r["epoch"] for r in fit["history"] if "test" in r] == [fit["best_epoch"]]
     json.dumps(fit["history"])
+
+
+def test_info_nce_both_ways_equals_two_calls():
+    from mmrec.losses import info_nce, info_nce_both_ways
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    expected = info_nce(a, b, 0.3) + info_nce(b, a, 0.3)
+    assert float(info_nce_both_ways(a, b, 0.3)) == pytest.approx(float(expected), rel=1e-6)
