@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmrec import graph
+from mmrec import graph, native
 from mmrec.losses import bpr_loss, info_nce_both_ways
 from mmrec.recommender import GeneralRecommender
 from models.magnet_graph import augmented_matrix, cached_induced_edges, sample_fanout, template_pool
@@ -56,14 +56,19 @@ def topk_gates(pi: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pi).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
 
 
-def topk_softmax_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+def topk_softmax_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, compiled: bool = True) -> torch.Tensor:
     """Eqs. 17-21 over a block of users x items for a router whose logits split into a user and an item
     part, l_e(u, i) = a_eu + b_ei (the linear router): sum_{e in TopK(l)} softmax_TopK(l)_e y_e.
 
     y [E, U, I] (v^T s^(e) per expert), a [E, U], b [E, I] -> [U, I].  Equal to Eqs. 17-19 (softmax,
     Top-K, renormalise), since the renormalised kept probabilities are the softmax over the kept logits;
     up to float ties.  Works on expert planes (each [U, I] contiguous) and never takes a per-pair exp:
-    exp(l_e) = exp(a_eu) exp(b_ei), shifted by the per-user and per-item maxima."""
+    exp(l_e) = exp(a_eu) exp(b_ei), shifted by the per-user and per-item maxima.  On CPU the same steps
+    run fused in a compiled kernel when one can be built (``mmrec.native``; ``compiled=False`` skips it)."""
+    if compiled:
+        out = native.topk_mix(y, a, b, k)
+        if out is not None:
+            return out
     logits = a.unsqueeze(2) + b.unsqueeze(1)  # [E, U, I]
     weights = (a - a.amax(0)).exp().unsqueeze(2) * (b - b.amax(0)).exp().unsqueeze(1)
     if k < logits.shape[0]:

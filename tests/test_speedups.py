@@ -110,20 +110,22 @@ def test_calculate_loss_equals_the_full_table_reference(make):
         torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-6, rtol=1e-5)
 
 
-def test_topk_softmax_mix_equals_softmax_topk_renormalise():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_topk_softmax_mix_equals_softmax_topk_renormalise(compiled):
     g = torch.Generator().manual_seed(3)
     e, u, i, k = 9, 5, 7, 4
     a, b, y = torch.randn(e, u, generator=g) * 3, torch.randn(e, i, generator=g) * 3, torch.randn(e, u, i, generator=g)
     logits = (a.unsqueeze(2) + b.unsqueeze(1)).permute(1, 2, 0)  # [U, I, E]
     gates = topk_gates(torch.softmax(logits, -1), k)  # Eqs. 17-19
     expected = (gates * y.permute(1, 2, 0)).sum(-1)  # Eq. 20-21
-    torch.testing.assert_close(topk_softmax_mix(y, a, b, k), expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(topk_softmax_mix(y, a, b, e), (torch.softmax(logits, -1) * y.permute(1, 2, 0)).sum(-1))
+    torch.testing.assert_close(topk_softmax_mix(y, a, b, k, compiled), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(topk_softmax_mix(y, a, b, e, compiled),
+                               (torch.softmax(logits, -1) * y.permute(1, 2, 0)).sum(-1))
     # user and item maxima on different experts, far apart: the shifted exps underflow; taken directly
     a2, b2 = torch.zeros(e, 1), torch.zeros(e, 1)
     a2[0], b2[1] = 300.0, 300.0
     y2 = torch.arange(e, dtype=torch.float32).view(e, 1, 1)
-    out = topk_softmax_mix(y2, a2, b2, 2)
+    out = topk_softmax_mix(y2, a2, b2, 2, compiled)
     assert torch.isfinite(out).all() and float(out) == pytest.approx(0.5)  # experts 0 and 1, equal weight
 
 
@@ -202,3 +204,16 @@ def test_info_nce_both_ways_equals_two_calls():
     a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     expected = info_nce(a, b, 0.3) + info_nce(b, a, 0.3)
     assert float(info_nce_both_ways(a, b, 0.3)) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.skipif(not __import__("mmrec.native").native.available(), reason="no C compiler on this machine")
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_compiled_topk_mix_equals_the_torch_path(k):
+    g = torch.Generator().manual_seed(5)
+    e, u, i = 9, 6, 300  # more items than one tile of the kernel
+    a, b, y = torch.randn(e, u, generator=g) * 2, torch.randn(e, i, generator=g) * 2, torch.randn(e, u, i, generator=g)
+    torch.testing.assert_close(topk_softmax_mix(y, a, b, k), topk_softmax_mix(y, a, b, k, compiled=False),
+                               atol=1e-6, rtol=1e-5)
+    a[0, 0], b[1, :] = 300.0, 300.0  # user 0's shifted exps underflow on every item: the kernel's fallback
+    torch.testing.assert_close(topk_softmax_mix(y, a, b, k), topk_softmax_mix(y, a, b, k, compiled=False),
+                               atol=1e-6, rtol=1e-5)

@@ -1,0 +1,97 @@
+"""Optional compiled kernels, built on first use with the machine's C compiler and loaded with ctypes.
+
+Each kernel has a pure-torch equivalent: the caller falls back to it when no compiler is found, the build
+fails, the tensors are not on the CPU, or ``MMREC_NATIVE=0`` is set; the tests check that both give the
+same numbers.  Builds go to ``MMREC_NATIVE_DIR`` (default ``.cache/native`` in the repository), one file
+per source, compiler and processor, so a shared folder never serves a build made for another CPU.
+
+- ``topk_mix`` (``topk_mix.c``): MAGNET's Top-K softmax mixing of expert scores in full ranking, the
+  compiled form of ``models.magnet.topk_softmax_mix``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mmrec.native")
+_SOURCE = Path(__file__).with_name("topk_mix.c")
+_FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], ["-O3", "-fno-trapping-math", "-fopenmp"],
+              ["-O3"])
+_loaded: dict[str, object] = {}
+
+
+def _cpu_signature() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.startswith((b"model name", b"flags"))]
+        return b"\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor().encode()
+
+
+def _build(source: Path) -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.info("no C compiler found: %s runs its pure-torch path", source.stem)
+        return None
+    tag = hashlib.sha256(source.read_bytes() + compiler.encode() + platform.machine().encode()
+                         + _cpu_signature()).hexdigest()[:16]
+    folder = Path(os.environ.get("MMREC_NATIVE_DIR", Path(__file__).resolve().parents[2] / ".cache" / "native"))
+    target = folder / f"{source.stem}-{tag}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    errors = ""
+    for flags in _FLAG_SETS:
+        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(source), "-o", str(partial), "-lm"],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(partial, target)  # atomic: concurrent runs never load a half-written file
+            return target
+        errors = done.stderr.strip()[-500:]
+    log.warning("could not compile %s with %s: using the pure-torch path. Last error: %s", source.name, compiler,
+                errors)
+    return None
+
+
+def _topk_mix_function():
+    if "topk_mix" not in _loaded:
+        fn = None
+        if os.environ.get("MMREC_NATIVE", "1") != "0":
+            path = _build(_SOURCE)
+            if path is not None:
+                fn = ctypes.CDLL(str(path)).topk_mix
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
+        _loaded["topk_mix"] = fn
+    return _loaded["topk_mix"]
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this process."""
+    return _topk_mix_function() is not None
+
+
+def topk_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``models.magnet.topk_softmax_mix`` compiled: y [E, U, I], a [E, U], b [E, I] -> [U, I], or None when
+    the kernel cannot run here (the caller then takes the torch path)."""
+    fn = _topk_mix_function()
+    if fn is None or y.device.type != "cpu" or y.shape[0] > 32:
+        return None
+    y, a, b = y.float().contiguous(), a.float().contiguous(), b.float().contiguous()
+    ea = (a - a.amax(0)).exp().contiguous()
+    eb = (b - b.amax(0)).exp().contiguous()
+    n_exp, n_users, n_items = y.shape
+    out = torch.empty(n_users, n_items)
+    rc = fn(y.data_ptr(), a.data_ptr(), b.data_ptr(), ea.data_ptr(), eb.data_ptr(), out.data_ptr(),
+            n_users, n_items, n_exp, int(k), torch.get_num_threads())
+    return out if rc == 0 else None
