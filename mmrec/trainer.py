@@ -145,7 +145,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.batches.state_dict(),
                 "rng": rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
                 "best_valid": self.best_valid, "best_test": self.best_test, "bad_evals": self.bad_evals,
-                "history": self.history, "train_times": self.train_times, "eval_times": self.eval_times}
+                "history": self.history, "train_times": self.train_times, "eval_times": self.eval_times,
+                "stopped_by": self.stopped_by}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -156,6 +157,7 @@ class Trainer:
         for key in ("epoch", "best_score", "best_epoch", "best_valid", "best_test", "bad_evals", "history",
                     "train_times", "eval_times"):
             setattr(self, key, state[key])
+        self.stopped_by = state.get("stopped_by", "epochs")  # a run interrupted in its final test pass
 
     # ------------------------------------------------------------------------------------------
     def _train_epoch(self) -> dict[str, float]:
@@ -209,7 +211,7 @@ class Trainer:
         epochs, eval_step, stopping_step = int(cfg["epochs"]), int(cfg["eval_step"]), int(cfg["stopping_step"])
         save_topk = int(cfg.get("save_topk", 0) or 0)
         diverged = None
-        while self.epoch < epochs:
+        while self.epoch < epochs and self.stopped_by != "early_stopping":
             t0 = time.perf_counter()
             try:
                 losses = self._train_epoch()

@@ -217,3 +217,22 @@ def test_compiled_topk_mix_equals_the_torch_path(k):
     a[0, 0], b[1, :] = 300.0, 300.0  # user 0's shifted exps underflow on every item: the kernel's fallback
     torch.testing.assert_close(topk_softmax_mix(y, a, b, k), topk_softmax_mix(y, a, b, k, compiled=False),
                                atol=1e-6, rtol=1e-5)
+
+
+def test_resume_after_early_stopping_only_scores_test(tmp_path):
+    """Killed between the stopping epoch's checkpoint and the final test pass: resuming trains nothing
+    more and reports the same result."""
+    from mmrec.registry import get_model
+    from mmrec.trainer import Trainer, init_seed
+
+    config, dataset = tiny_setup(tmp_path, "LightGCN", overrides={"epochs": 40, "stopping_step": 1,
+                                                                   "learning_rate": 0.05})
+    out = tmp_path / "run"
+    out.mkdir()
+    init_seed(0)
+    fit = Trainer(config, get_model("LightGCN")(config, dataset), dataset, out).fit()
+    assert fit["stopped_by"] == "early_stopping"
+    resumed = Trainer(config, get_model("LightGCN")(config, dataset), dataset, out)
+    resumed.load_state_dict(torch.load(out / "last.pth", weights_only=False))
+    again = resumed.fit()
+    assert again["epochs_run"] == fit["epochs_run"] and again["test"] == fit["test"]
