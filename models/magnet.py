@@ -473,11 +473,11 @@ class MAGNET(GeneralRecommender):
         propagation layer and the cues are then computed for those rows alone (``graph.propagate`` with
         ``rows``; f_m is linear, so a user's cue is f_m of the mean raw feature of its history), equal to
         the full computation restricted to those rows."""
-        if self.training:
-            self._train_encodes += 1
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
         rows = None if users is None else torch.cat([users, items + self.n_users])
         views = self.views()
+        if self.training:
+            self._train_encodes += 1
         z_ui = graph.propagate(views["ui"], ego, self.n_layers, rows=rows)  # Eq. 5
         out = {"z_ui": z_ui, "z_uig": None, "z": z_ui, "n_users": self.n_users if users is None else users.numel()}
         if views["uig"] is not None:

@@ -167,10 +167,11 @@ def test_fanout_views_resampled_per_epoch_and_reproducible(make):
     steps.train()
     steps.pre_epoch_processing()
     draws = []
-    for _ in range(4):
-        draws.append(steps.views()["ui"][0].to_dense())
+    for _ in range(5):  # what each training step propagates on
         steps.encode()
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+        draws.append(steps._sampled_views["ui"][0].to_dense())
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
+    assert not torch.equal(draws[1], draws[2]) and not torch.equal(draws[3], draws[4])
 
 
 def test_test_split_scored_once_with_the_best_weights(tmp_path, monkeypatch):
