@@ -282,8 +282,15 @@ class MAGNET(GeneralRecommender):
             raise ValueError(f"cue_input must be raw or l2, got {self.cue_input!r}")
         if self.cue_input == "l2":  # row-normalised features into f_m (raw features keep their scale)
             self.v_feat, self.t_feat = graph.l2_normalize_rows(self.v_feat), graph.l2_normalize_rows(self.t_feat)
-        self.proj_visual = nn.Linear(self.v_feat.shape[1], d)
-        self.proj_text = nn.Linear(self.t_feat.shape[1], d)
+        # cue_centering: f_m sees features minus the catalogue mean and has no bias, i.e. the cues are
+        # centred (item mean of h^m = 0): without it f_m learns the shared mean direction and every cue is
+        # nearly one constant vector (issue #11's review; docs/magnet.md)
+        self.cue_centering = bool(cfg["cue_centering"])
+        if self.cue_centering:
+            self.v_feat = self.v_feat - self.v_feat.mean(0, keepdim=True)
+            self.t_feat = self.t_feat - self.t_feat.mean(0, keepdim=True)
+        self.proj_visual = nn.Linear(self.v_feat.shape[1], d, bias=not self.cue_centering)
+        self.proj_text = nn.Linear(self.t_feat.shape[1], d, bias=not self.cue_centering)
         coo = self.train_matrix.tocoo()
         deg = np.asarray(self.train_matrix.sum(axis=1)).ravel()
         vals = 1.0 / np.maximum(deg[coo.row], 1.0)
@@ -502,8 +509,10 @@ class MAGNET(GeneralRecommender):
             h_items = proj(feats)
             return h_items[items], graph.spmm(self.user_history_mean, h_items, rows=users)
         mean_raw = graph.spmm(self.user_history_mean, feats, rows=users)  # [B, feature dim]
-        has_history = (self.user_degree[users] > 0).to(mean_raw.dtype).unsqueeze(1)
-        return proj(feats[items]), mean_raw @ proj.weight.T + has_history * proj.bias
+        h_users = mean_raw @ proj.weight.T
+        if proj.bias is not None:
+            h_users = h_users + (self.user_degree[users] > 0).to(mean_raw.dtype).unsqueeze(1) * proj.bias
+        return proj(feats[items]), h_users
 
     def expert_weights(self) -> torch.Tensor:
         """w_e over [B, A, S] for every expert [E, 3] (fixed templates or free softmax mixtures)."""

@@ -293,3 +293,35 @@ def test_lr_scale_groups(make):
     assert by_param[id(m.router.first.weight)]["lr"] == pytest.approx(1e-3)
     assert by_param[id(m.router.first.weight)]["weight_decay"] == pytest.approx(1e-4)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
+
+
+def test_cue_centering_centres_the_item_cues_and_keeps_eq_8(make):
+    m = make(cue_centering=True)
+    assert m.proj_visual.bias is None and m.proj_text.bias is None
+    t = m.encode()
+    for group in (1, 2):  # h^A, h^S: zero mean over the catalogue (no shared component from f_m)
+        assert float(t["r_item"][:, group].mean(0).abs().max()) < 1e-5
+    hist = m.train_matrix[4].indices
+    torch.testing.assert_close(t["r_user"][4, 1], t["r_item"][hist, 1].mean(0), atol=1e-5, rtol=1e-5)  # Eq. 8
+
+
+def test_default_cues_are_not_one_shared_vector(tmp_path):
+    """Issue #11: with the shipped defaults, after one epoch on `mini` the cues that feed the experts vary
+    across users more than they share one common vector: for h^A and h^S the root-mean-square spread around
+    the user mean is at least twice the norm of that mean (uncentred f_m gives ~0.3-0.5 here)."""
+    from mmrec.data import RecDataset
+    from mmrec.trainer import Trainer, init_seed
+
+    config = load_config("MAGNET", "mini", {"epochs": 1, "seed": 1, "num_threads": 1,
+                                             "cache_dir": str(tmp_path / "cache")})
+    dataset = RecDataset(config)
+    init_seed(1)
+    model = MAGNET(config, dataset)
+    Trainer(config, model, dataset, None).fit()
+    model.eval()
+    with torch.no_grad():
+        cues = model.encode()["r_user"]
+    for group in (1, 2):
+        mean = cues[:, group].mean(0)
+        spread = (cues[:, group] - mean).pow(2).sum(1).mean().sqrt()
+        assert float(spread) >= 2.0 * float(mean.norm()), (group, float(spread), float(mean.norm()))

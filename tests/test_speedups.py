@@ -67,8 +67,9 @@ def make(tmp_path):
 
 
 @pytest.mark.parametrize("n_items", [5, 25])  # few items: batch cues; most items: project all, pick rows
-def test_batch_encode_equals_the_full_tables_restricted(make, n_items):
-    m = make()
+@pytest.mark.parametrize("centred", [False, True])
+def test_batch_encode_equals_the_full_tables_restricted(make, n_items, centred):
+    m = make(cue_centering=centred)
     users = torch.tensor([3, 0, 17, 39])
     items = torch.arange(30)[torch.randperm(30, generator=torch.Generator().manual_seed(0))[:n_items]].sort().values
     full, part = m.encode(), m.encode(users, items)
