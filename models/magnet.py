@@ -16,7 +16,8 @@ Training (Alg. 2): pi_bar = batch mean of pi over positives, H~ = H(pi_bar) / lo
     L_cov = sum_e (pi_bar_e - 1/E)^2,  L_conf = mean H(pi_ui),  Lin-Ent: l_cov = 1[s=1] l_r (1 - H~),
     l_conf = 1[s=2] l_r H~.
 Measured additions to MAGNET.md (docs/magnet.md): ``cue_input`` (l2-normalised features into f_m on
-mini; raw on the Amazon sets, as specified), ``expert_init`` (hadamard W_e = I + 0.1 x default init) and
+mini; raw on the Amazon sets, as specified), ``cue_centering`` (catalogue-centred features into a
+bias-free f_m, so the cues are not one shared vector; top level only), ``expert_init`` (hadamard W_e = I + 0.1 x default init) and
 the training recipe of the top-level (mini) defaults: ``weight_decay_on``, per-group learning-rate
 factors (``embedding_lr_scale``, ``head_lr_scale``, ``cue_lr_scale``, applied by the trainer through
 ``self.lr_scale``), ``router_grad: detach`` and the load-based switch signal.  The Amazon blocks of the
