@@ -176,24 +176,18 @@ def magnet_eval_phases(model, ds, block: int) -> dict:
 
     model.start_evaluation()
     try:
-        forward, tables = _timed(model.encode)
+        forward = _timed(model.encode)[0]
         users = torch.arange(min(block, ds.n_users))
-        w = model.expert_weights()
-        x_items_t = model.expert_inputs(w, tables["r_item"]).permute(1, 2, 0).contiguous()
-        z = tables["z_router"]
-        xu = model.expert_inputs(w, tables["r_user"][users])
-        user_vecs = torch.einsum("efd,ued->euf", model.heads.w_had, xu) * model.score_vector
-        a, b = model.router.halves(z[users], z[model.n_users:])
-        a, b = a.T.contiguous(), b.T.contiguous()
-        chunk = max(1, model.score_block_budget // (model.n_experts * model.n_items))
+        parts = model.hadamard_ranking_inputs(users)
+        chunk = model.ranking_chunk()
         heads = gates = 0.0
         scores = torch.empty(users.numel(), model.n_items)
         for lo in range(0, users.numel(), chunk):
             hi = min(lo + chunk, users.numel())
             t0 = time.perf_counter()
-            y = torch.bmm(user_vecs[:, lo:hi], x_items_t)
+            y = torch.bmm(parts["user_vecs"][:, lo:hi], parts["item_vecs_t"])
             t1 = time.perf_counter()
-            scores[lo:hi] = topk_softmax_mix(y, a[:, lo:hi], b, model.top_k)
+            scores[lo:hi] = topk_softmax_mix(y, parts["user_logits"][:, lo:hi], parts["item_logits"], model.top_k)
             heads, gates = heads + t1 - t0, gates + time.perf_counter() - t1
         train = ds.train_matrix.tocsr()[users.numpy()].tocoo()
 
@@ -254,7 +248,8 @@ def main() -> None:
     print("| model | batch | s/epoch | x LightGCN | s/eval pass | x LightGCN |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
         batch = 2048 if name == "LightGCN" else 1024
-        print(f"| {name} | {r['batches_per_epoch']} x {batch} | {r['epoch_s']:.2f} | {r['epoch_s'] / base['epoch_s']:.2f} "
+        print(f"| {name} | {r['batches_per_epoch']} x {batch} | {r['epoch_s']:.2f} "
+              f"| {r['epoch_s'] / base['epoch_s']:.2f} "
               f"| {r['eval_s']:.2f} | {r['eval_s'] / base['eval_s']:.2f} |")
     names = [n for n in rows if n != "LightGCN"]
     print("\nTraining step, ms (forward + backward unless noted)\n")

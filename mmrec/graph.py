@@ -158,7 +158,8 @@ def csr_operator(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> tor
     return csr
 
 
-def row_block(adj: torch.Tensor, rows: torch.Tensor, use_scipy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def row_block(adj: torch.Tensor, rows: torch.Tensor,
+              use_scipy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A[rows], A[rows]^T) as CSR tensors: the rows of a fixed sparse A that a batch needs, and the
     transpose its backward multiplies by.  Costs O(nnz of those rows), never a pass over all of A.
     On CPU scipy slices and transposes (compiled, no sort); elsewhere torch ops on the device."""

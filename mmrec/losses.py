@@ -39,20 +39,20 @@ def half_sq(*embeddings: torch.Tensor, batch_size: int) -> torch.Tensor:
     return 0.5 * sum(e.pow(2).sum() for e in embeddings) / batch_size
 
 
+def _cosine_logits(view1: torch.Tensor, view2: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.normalize(view1, dim=1) @ F.normalize(view2, dim=1).T / temperature
+
+
 def info_nce(view1: torch.Tensor, view2: torch.Tensor, temperature: float) -> torch.Tensor:
     """In-batch InfoNCE: row i of view1 against all rows of view2 (positive = row i), mean over rows."""
-    z1 = F.normalize(view1, dim=1)
-    z2 = F.normalize(view2, dim=1)
-    logits = z1 @ z2.T / temperature
+    logits = _cosine_logits(view1, view2, temperature)
     return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
 
 def info_nce_both_ways(view1: torch.Tensor, view2: torch.Tensor, temperature: float) -> torch.Tensor:
     """info_nce(view1, view2) + info_nce(view2, view1) from one similarity matrix (the second direction
     is the first's transpose): half the products of calling ``info_nce`` twice, same value."""
-    z1 = F.normalize(view1, dim=1)
-    z2 = F.normalize(view2, dim=1)
-    logits = z1 @ z2.T / temperature
+    logits = _cosine_logits(view1, view2, temperature)
     target = torch.arange(logits.shape[0], device=logits.device)
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 

@@ -2,10 +2,10 @@
 
 Per epoch (MMRec's order): pre-epoch hook, training batches, LR step, post-epoch hook, validation and
 the early-stopping update.  The test split is scored once, after training, with the weights of the best
-validation epoch (the reported test numbers are those of that epoch, as in MMRec, which scores test at
-every improvement: the same numbers from one pass instead of one per improvement).  Early stopping follows MMRec exactly: the first evaluation sets
-the best; the valid metric, rounded to ``metric_decimals``, must strictly improve; training stops once
-the count of non-improving evaluations exceeds ``stopping_step``.
+validation epoch (MMRec scores test at every improvement: the same numbers from one pass instead of one
+per improvement).  Early stopping follows MMRec exactly: the first evaluation sets the best; the valid
+metric, rounded to ``metric_decimals``, must strictly improve; training stops once the count of
+non-improving evaluations exceeds ``stopping_step``.
 
 ``last.pth`` (model, optimiser, scheduler, sampler and RNG states, counters) is written atomically after
 every epoch, so ``--resume DIR`` continues an interrupted run to the same result; ``best.pth`` holds
@@ -248,7 +248,8 @@ class Trainer:
                 if improved:
                     self.best_score, self.best_epoch, self.bad_evals = score, self.epoch, 0
                     self.best_valid = valid
-                    self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                    self._best_state = {k: v.detach().to("cpu", copy=True)
+                                        for k, v in self.model.state_dict().items()}
                     line += "  * best"
                     if self.out_dir is not None and cfg["checkpoint"]:
                         atomic_save({"epoch": self.epoch, "model": self._best_state}, self.out_dir / "best.pth")

@@ -17,7 +17,8 @@ Training (Alg. 2): pi_bar = batch mean of pi over positives, H~ = H(pi_bar) / lo
     l_conf = 1[s=2] l_r H~.
 Measured additions to MAGNET.md (docs/magnet.md): ``cue_input`` (l2-normalised features into f_m on
 mini; raw on the Amazon sets, as specified), ``cue_centering`` (catalogue-centred features into a
-bias-free f_m, so the cues are not one shared vector; top level only), ``expert_init`` (hadamard W_e = I + 0.1 x default init) and
+bias-free f_m, so the cues are not one shared vector; top level only), ``expert_init`` (hadamard
+W_e = I + 0.1 x default init) and
 the training recipe of the top-level (mini) defaults: ``weight_decay_on``, per-group learning-rate
 factors (``embedding_lr_scale``, ``head_lr_scale``, ``cue_lr_scale``, applied by the trainer through
 ``self.lr_scale``), ``router_grad: detach`` and the load-based switch signal.  The Amazon blocks of the
@@ -200,10 +201,13 @@ class Router(nn.Module):
         self.second = nn.Linear(dim, n_experts) if kind == "mlp" else None
         self.dim = dim
 
-    def halves(self, zu: torch.Tensor, zi: torch.Tensor):
-        """First-layer pre-activations of the user half (with the bias) and of the item half."""
-        w = self.first.weight
-        return zu @ w[:, : self.dim].T + self.first.bias, zi @ w[:, self.dim:].T
+    def user_half(self, zu: torch.Tensor) -> torch.Tensor:
+        """First-layer pre-activation of the user half of [z_u; z_i], with the bias."""
+        return zu @ self.first.weight[:, : self.dim].T + self.first.bias
+
+    def item_half(self, zi: torch.Tensor) -> torch.Tensor:
+        """First-layer pre-activation of the item half of [z_u; z_i]."""
+        return zi @ self.first.weight[:, self.dim:].T
 
     def pair(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
         """Logits [B, E] for aligned rows of z_u, z_i."""
@@ -212,8 +216,7 @@ class Router(nn.Module):
 
     def all_pairs(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
         """Logits [U, I, E] for every user x item pair of a block."""
-        hu, hi = self.halves(zu, zi)
-        h = hu.unsqueeze(1) + hi.unsqueeze(0)
+        h = self.user_half(zu).unsqueeze(1) + self.item_half(zi).unsqueeze(0)
         return self.second(torch.relu(h)) if self.second is not None else h
 
 
@@ -599,14 +602,14 @@ class MAGNET(GeneralRecommender):
 
     def full_sort_predict(self, interaction):
         users = interaction["users"]
+        if self.use_moe and self.router.kind == "linear" and self.heads.kind == "hadamard":
+            return self._rank_hadamard(users)
         tables = self.cached("tables", self.encode)
         w = self.expert_weights()
         x_items = self.cached("x_items", lambda: self.expert_inputs(w, tables["r_item"]))  # [I, E, d]
         xu = self.expert_inputs(w, tables["r_user"][users])
         z = tables["z_router"]
         zu, zi = z[users], z[self.n_users:]
-        if self.use_moe and self.router.kind == "linear" and self.heads.kind == "hadamard":
-            return self._rank_hadamard(tables, xu, zu, zi)
         per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1)
         item_block = max(1, self.score_block_budget // max(users.numel() * per_pair, 1))
         scores = torch.empty(users.numel(), self.n_items, device=z.device)
@@ -620,21 +623,35 @@ class MAGNET(GeneralRecommender):
                 scores[:, lo:hi] = y_experts[..., 0]
         return scores
 
-    def _rank_hadamard(self, tables: dict, xu: torch.Tensor, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
+    def hadamard_ranking_inputs(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What full ranking with the default head and linear router multiplies: per expert the users'
+        (W_e x_u) * v [E, U, d] and the items' x_i transposed [E, d, I] (Eqs. 10-11, 21), and the router's
+        user and item logits [E, U], [E, I] (Eq. 16).  Item parts are computed once per evaluation pass."""
+        tables = self.cached("tables", self.encode)
+        w = self.expert_weights()
+        z = tables["z_router"]
+        xu = self.expert_inputs(w, tables["r_user"][users])
+        return {"user_vecs": torch.einsum("efd,ued->euf", self.heads.w_had, xu) * self.score_vector,
+                "item_vecs_t": self.cached("item_vecs_t", lambda: self.expert_inputs(w, tables["r_item"])
+                                           .permute(1, 2, 0).contiguous()),
+                "user_logits": self.router.user_half(z[users]).T,
+                "item_logits": self.cached("item_logits", lambda: self.router.item_half(z[self.n_users:]).T
+                                           .contiguous())}
+
+    def ranking_chunk(self) -> int:
+        """Users per batched product in ``_rank_hadamard``: [E, chunk, I] stays under score_block_budget."""
+        return max(1, self.score_block_budget // max(self.n_experts * self.n_items, 1))
+
+    def _rank_hadamard(self, users: torch.Tensor) -> torch.Tensor:
         """Full ranking for the default head and router, in expert planes: y_e = <(W_e x_u) * v, x_i> as one
         batched product per user chunk, gates by ``topk_softmax_mix``; the same scores as the general path."""
-        w = self.expert_weights()
-        x_items_t = self.cached("x_items_t", lambda: self.expert_inputs(w, tables["r_item"]).permute(1, 2, 0)
-                                .contiguous())  # [E, d, I]
-        item_logits = self.cached("item_logits", lambda: self.router.halves(zu[:0], zi)[1].T.contiguous())  # [E, I]
-        user_vecs = torch.einsum("efd,ued->euf", self.heads.w_had, xu) * self.score_vector  # [E, U, d]
-        user_logits = self.router.halves(zu, zi[:0])[0].T  # [E, U]
-        chunk = max(1, self.score_block_budget // max(self.n_experts * self.n_items, 1))
-        scores = torch.empty(xu.shape[0], self.n_items, device=xu.device)
-        for lo in range(0, xu.shape[0], chunk):
-            hi = min(lo + chunk, xu.shape[0])
-            y = torch.bmm(user_vecs[:, lo:hi], x_items_t)  # Eq. 11 + 21 per expert: [E, chunk, I]
-            scores[lo:hi] = topk_softmax_mix(y, user_logits[:, lo:hi], item_logits, self.top_k)
+        parts = self.hadamard_ranking_inputs(users)
+        chunk = self.ranking_chunk()
+        scores = torch.empty(users.numel(), self.n_items, device=users.device)
+        for lo in range(0, users.numel(), chunk):
+            hi = min(lo + chunk, users.numel())
+            y = torch.bmm(parts["user_vecs"][:, lo:hi], parts["item_vecs_t"])  # Eqs. 11 + 21: [E, chunk, I]
+            scores[lo:hi] = topk_softmax_mix(y, parts["user_logits"][:, lo:hi], parts["item_logits"], self.top_k)
         return scores
 
     # -- reporting -------------------------------------------------------------------------------
