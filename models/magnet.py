@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mmrec import graph, native
-from mmrec.losses import bpr_loss, info_nce_both_ways
+from mmrec.losses import bpr_loss, half_sq, info_nce_both_ways
 from mmrec.recommender import GeneralRecommender
 from models.magnet_graph import augmented_matrix, cached_induced_edges, sample_fanout, template_pool
 
@@ -242,6 +242,9 @@ class MAGNET(GeneralRecommender):
                              "must be >= 0 (fanout 0 = full-graph propagation; resample 0 = once per epoch)")
         self.seed = int(cfg["seed"])
         self.lambda_ctr = float(cfg["lambda_ctr"])
+        # Eq. 32's lambda ||Theta||^2 on the ID rows of the batch (MMRec's reading for ID tables; the coupled
+        # Adam decay of `weight_decay` would pull every absent row to 0 at full step size)
+        self.embedding_reg = float(cfg["embedding_reg"])
         self.tau = float(cfg["tau"])
         self.lambda_r = float(cfg["lambda_r"])
         self.schedule = str(cfg["routing_schedule"])
@@ -304,6 +307,11 @@ class MAGNET(GeneralRecommender):
         if self.cue_target not in ("keep", "exclude"):
             raise ValueError(f"user_cue_target must be keep or exclude, got {self.cue_target!r}")
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
+        # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
+        # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
+        self.modality_scale = str(cfg["modality_scale"])
+        if self.modality_scale not in ("none", "rms"):
+            raise ValueError(f"modality_scale must be none or rms, got {self.modality_scale!r}")
 
         # expert pool (Eqs. 12-15)
         if self.use_moe:
@@ -386,7 +394,7 @@ class MAGNET(GeneralRecommender):
 
     def _reset_epoch_stats(self) -> None:
         self._stats = {"h_norm": 0.0, "n_eff": 0.0, "signal": 0.0, "max_load": 0.0, "top1_share": 0.0,
-                       "steps": 0}
+                       "w_cov": 0.0, "w_conf": 0.0, "steps": 0}
 
     def _smooth(self, value: float) -> float:
         """The switch signal after ``entropy_smoothing`` (none | window mean | EMA over smoothing_steps)."""
@@ -499,9 +507,21 @@ class MAGNET(GeneralRecommender):
         z, n_u = out["z"], out["n_users"]
         # router input q = [z_u; z_i] (Eq. 16); `router_grad: detach` stops the routing path's gradient into z
         out["z_router"] = z.detach() if self.router_grad == "detach" else z
-        out["r_user"] = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
-        out["r_item"] = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
+        r_user = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
+        r_item = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
+        if self.modality_scale == "rms":
+            factor = self.modality_factors(torch.cat([r_user, r_item]))
+            r_user, r_item = r_user * factor, r_item * factor
+        out["r_user"], out["r_item"] = r_user, r_item
         return out
+
+    @staticmethod
+    def modality_factors(reps: torch.Tensor) -> torch.Tensor:
+        """``modality_scale: rms``: per-channel factors [1, 3, 1] = rho_B / rho_m, rho_m = sqrt(mean over the
+        rows of |r^m|^2) over the rows being encoded (users and items together: a training batch's, or the
+        whole catalogue in evaluation); detached, so only the directions of f_m's outputs are learned."""
+        rho = reps.detach().pow(2).sum(-1).mean(0).sqrt()  # [3]
+        return (rho[0] / rho.clamp_min(1e-12)).view(1, 3, 1)
 
     def _cues(self, proj: nn.Linear, feats: torch.Tensor, users, items) -> tuple[torch.Tensor, torch.Tensor]:
         """(h^m of the items, h^m of the users): Eq. 7 and Eq. 8's mean over each user's training items.
@@ -563,6 +583,9 @@ class MAGNET(GeneralRecommender):
         y_neg, _, _ = self.score_pairs(tables, u_at, neg_at, xu, side)
         zero = y_pos.new_zeros(())
         out = {"bpr": bpr_loss(y_pos, y_neg, "mean"), "ctr": zero, "cov": zero, "conf": zero}  # Eq. 27 (mean)
+        if self.embedding_reg > 0:  # 0.5 (|e_u|^2 + |e_i|^2 + |e_j|^2), batch mean, on the layer-0 ID rows
+            out["reg"] = self.embedding_reg * half_sq(self.user_embedding(users), self.item_embedding(pos),
+                                                      self.item_embedding(neg), batch_size=users.numel())
         if tables["z_uig"] is not None and self.lambda_ctr > 0:  # Eq. 28, DV only: the batch's users and
             bu = torch.arange(batch_users.numel(), device=users.device)  # its positive items, in id order
             bi = torch.unique(pos_at) + batch_users.numel()
@@ -597,6 +620,8 @@ class MAGNET(GeneralRecommender):
         st["signal"] += signal
         st["max_load"] += float((gates.detach() > 0).float().mean(0).max()) / self.top_k  # MaxLoad share
         st["top1_share"] += float(torch.bincount(pi.detach().argmax(-1), minlength=n_experts).max()) / pi.shape[0]
+        st["w_cov"] += lam_cov  # effective weights of Eqs. 29-30 in Eq. 32 (Eq. 31's factors times lambda_r)
+        st["w_conf"] += lam_conf
         st["steps"] += 1
         return {"cov": lam_cov * coverage_loss(pi_bar), "conf": lam_conf * confidence_loss(pi)}  # Eqs. 29-30
 
@@ -662,6 +687,7 @@ class MAGNET(GeneralRecommender):
         out = {"H~": self._stats["h_norm"] / n, "N_eff": self._stats["n_eff"] / n,
                "signal": self._stats["signal"] / n, "max_load": self._stats["max_load"] / n,
                "top1_share": self._stats["top1_share"] / n,
+               "w_cov": self._stats["w_cov"] / n, "w_conf": self._stats["w_conf"] / n,
                "stage": int(self.ctl_stage)}
         if int(self.ctl_switch_step) >= 0:
             out["switch_step"] = int(self.ctl_switch_step)

@@ -12,7 +12,7 @@ def _main(*args, cwd=ROOT):
 
 
 def test_missing_amazon_data_exits_nonzero_with_instructions(tmp_path):
-    res = _main("-m", "BPR", "-d", "baby", "--set", f"data_path={tmp_path}")
+    res = _main("-m", "BPR", "-d", "baby", "--set", f"data_path={tmp_path}", "--out", str(tmp_path / "run"))
     assert res.returncode != 0
     assert str(tmp_path / "baby") in res.stderr and "baby.inter" in res.stderr
     assert "drive.google.com" in res.stderr

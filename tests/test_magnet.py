@@ -325,3 +325,98 @@ def test_default_cues_are_not_one_shared_vector(tmp_path):
         mean = cues[:, group].mean(0)
         spread = (cues[:, group] - mean).pow(2).sum(1).mean().sqrt()
         assert float(spread) >= 2.0 * float(mean.norm()), (group, float(spread), float(mean.norm()))
+
+
+def test_modality_scale_rms_matches_each_cue_to_the_behaviour_channel(make):
+    """``modality_scale: rms``: r^A and r^S are rescaled so that their RMS row norm over the encoded rows
+    (users and items together) equals r^B's; directions are untouched, and a batch uses its own rows."""
+    plain, scaled = make(modality_scale="none"), make(modality_scale="rms")
+    scaled.load_state_dict(plain.state_dict())
+    a, b = plain.encode(), scaled.encode()
+    rows_a = torch.cat([a["r_user"], a["r_item"]])
+    rows_b = torch.cat([b["r_user"], b["r_item"]])
+    rms = rows_b.pow(2).sum(-1).mean(0).sqrt()
+    torch.testing.assert_close(rms, rms[0].expand(3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows_b[:, 0], rows_a[:, 0])  # the behaviour channel keeps its scale
+    factor = rms[1] / rows_a[:, 1].pow(2).sum(-1).mean().sqrt()
+    assert float(factor.detach()) != pytest.approx(1.0, abs=1e-3)  # the test input is actually rescaled
+    torch.testing.assert_close(rows_b[:, 1], factor * rows_a[:, 1], rtol=1e-5, atol=1e-6)
+    users, items = torch.tensor([0, 3]), torch.tensor([1, 2, 5])
+    batch = scaled.encode(users, items)
+    rows = torch.cat([batch["r_user"], batch["r_item"]])
+    rms_batch = rows.pow(2).sum(-1).mean(0).sqrt()
+    torch.testing.assert_close(rms_batch, rms_batch[0].expand(3), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="modality_scale"):
+        make(modality_scale="layer")
+
+
+def test_effective_routing_weights_are_reported(make):
+    """The per-epoch log carries the effective weights of L_cov and L_conf in Eq. 32 (lambda_r times
+    Eq. 31's factor in the current stage): stage 1 -> lambda_r (1 - H~) on coverage, 0 on confidence."""
+    m = make(lambda_r=0.3, switch_signal="dense", entropy_threshold=1.1)  # never switches
+    m.train()
+    users = torch.tensor([0, 1, 2, 3])
+    batch = {"users": users, "pos_items": torch.tensor([0, 1, 2, 3]), "neg_items": torch.tensor([4, 5, 6, 7])}
+    m.calculate_loss(batch)
+    stats = m.epoch_stats()
+    assert stats["stage"] == 1 and stats["w_conf"] == 0.0
+    assert stats["w_cov"] == pytest.approx(0.3 * (1.0 - stats["H~"]), rel=1e-6)
+
+
+def test_amazon_blocks_hold_table_3_only():
+    """Acceptance 2 of issue #11: -d baby/sports/clothing/elec run the top level's training decisions; their
+    blocks hold Table 3's values (MAGNET.md section 8) and the paper's patience, nothing else."""
+    table3 = {  # k, r, d, alpha, beta, delta, H*, W, lambda_r, lr, weight decay, dropout, tau, lambda_ctr
+        "baby": (20, 150, 64, .6, .2, .5, .90, 3, .30, 1e-3, 2e-5, .10, .5, .01),
+        "sports": (20, 200, 64, .6, .2, .4, .87, 4, .30, 1.5e-3, 2e-5, .20, 1.5, .01),
+        "clothing": (30, 200, 48, .6, .1, .8, .90, 5, .40, 1e-3, 4e-5, .20, .2, .01),
+        "elec": (30, 200, 48, .6, .2, .6, .87, 5, .30, 1e-3, 2e-4, .15, .2, .01)}
+    keys = ("knn_k", "expansion_r", "embedding_size", "alpha", "beta", "delta", "entropy_threshold",
+            "trigger_window", "lambda_r", "learning_rate", "weight_decay", "dropout", "tau", "lambda_ctr")
+    import yaml
+    from pathlib import Path
+
+    blocks = yaml.safe_load((Path(__file__).parents[1] / "configs/model/MAGNET.yaml").read_text())["dataset_overrides"]
+    top = load_config("MAGNET", "mini").to_dict()
+    for name, values in table3.items():
+        assert set(blocks[name]) == set(keys) | {"stopping_step"}, name
+        cfg = load_config("MAGNET", name).to_dict()
+        assert tuple(cfg[k] for k in keys) == pytest.approx(values), name
+        assert cfg["stopping_step"] == 5 and cfg["n_layers"] == 2 and cfg["K"] == 4
+        decisions = set(top) - set(keys) - {"stopping_step", "dataset", "inter_file_name"}
+        differing = {k for k in decisions if cfg.get(k) != top[k]}
+        assert not differing, (name, differing)
+
+
+def test_embedding_reg_is_half_the_squared_norm_of_the_batch_id_rows(make):
+    """Eq. 32's lambda ||Theta||^2 on the ID rows of the batch: 0.5 (|e_u|^2 + |e_i|^2 + |e_j|^2), batch mean."""
+    batch = {"users": torch.tensor([0, 1, 1]), "pos_items": torch.tensor([2, 3, 4]), "neg_items": torch.tensor([5, 5, 6])}
+    assert "reg" not in make(embedding_reg=0.0).calculate_loss(batch)  # off by default
+    m = make(embedding_reg=0.2)
+    out = m.calculate_loss(batch)
+    eu, ei = m.user_embedding.weight, m.item_embedding.weight
+    rows = [(u, i, j) for u, i, j in zip([0, 1, 1], [2, 3, 4], [5, 5, 6])]
+    by_hand = sum(eu[u].pow(2).sum() + ei[i].pow(2).sum() + ei[j].pow(2).sum() for u, i, j in rows) * 0.5 / 3
+    torch.testing.assert_close(out["reg"], 0.2 * by_hand)
+    out["reg"].backward()
+    torch.testing.assert_close(eu.grad[1], 0.2 * 2 * eu[1].detach() / 3)  # user 1 appears twice
+
+
+def test_score_parts_rank_by_the_parts_they_name(make):
+    """utils.magnet_parts: 'full' is the model's ranking score, 'z dot' the fused backbone's dot product,
+    'cue similarity' the two cue dot products (what the tool's table attributes to each part)."""
+    from utils.magnet_parts import score_parts
+
+    m = make()
+    m.eval()
+    users = torch.tensor([0, 2, 5])
+    with torch.no_grad():
+        parts = score_parts(m)
+        t = m.encode()
+        full = m.full_sort_predict({"users": users})
+    z = t["z"]
+    torch.testing.assert_close(parts["full"](users), full)
+    torch.testing.assert_close(parts["z dot"](users), z[users] @ z[m.n_users:].T)
+    u, i = t["r_user"][users], t["r_item"]
+    torch.testing.assert_close(parts["cue similarity"](users), u[:, 1] @ i[:, 1].T + u[:, 2] @ i[:, 2].T)
+    assert parts["z^UI dot"](users).shape == (3, m.n_items)

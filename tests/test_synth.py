@@ -119,3 +119,16 @@ def test_ensure_dataset_regenerates_only_on_change(tmp_path):
     assert not marker.exists() and (folder / "text_feat.npy").exists()
     with pytest.raises(KeyError):
         synth.ensure_dataset(tmp_path, "no_such_preset")
+
+
+def test_a_preset_can_name_its_own_generator_seed(tmp_path, monkeypatch):
+    """mid_synth (the confirmation set) is drawn with a seed no other preset uses; --seed still overrides."""
+    assert synth.PRESETS["mid_synth"]["seed"] not in {p.get("seed", 0) for n, p in synth.PRESETS.items()
+                                                      if n != "mid_synth"}
+    monkeypatch.setitem(synth.PRESETS, "tiny_seeded", dict(synth.PRESETS["tiny"], seed=7))
+    folder = synth.ensure_dataset(tmp_path, "tiny_seeded")
+    assert json.loads((folder / "meta.json").read_text())["seed"] == 7
+    synth.main(["tiny_seeded", "--out", str(tmp_path / "cli"), "--seed", "3"])
+    assert json.loads((tmp_path / "cli" / "tiny_seeded" / "meta.json").read_text())["seed"] == 3
+    plain = synth.ensure_dataset(tmp_path / "plain", "tiny")
+    assert json.loads((plain / "meta.json").read_text())["seed"] == 0

@@ -173,6 +173,7 @@ def main(argv=None):
             p.error("--seed needs a synthetic preset name")
         import utils.synth as synth
         args = synth.preset_args(a.name)
+        args.pop("seed", None)
         n_u, n_i = args.pop("n_users"), args.pop("n_items")
         name = f"{a.name}_s{a.seed}"
         folder = synth._ensure_args(a.data, name, a.seed, dict(args, n_users=n_u, n_items=n_i))
