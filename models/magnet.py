@@ -123,6 +123,25 @@ def _uniform(shape, fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
+@torch.no_grad()
+def principal_projection_(proj: nn.Linear, feats: torch.Tensor) -> None:
+    """``cue_init: pca``: W = the top-d right singular vectors of the features (as fed to f_m, so centred
+    under ``cue_centering``) as rows, bias 0; h_i = the item's coordinates on those directions, which keep
+    the most feature variance of any d-dim linear map (MAGNET.md: PyTorch's default init is the spec)."""
+    d = proj.out_features
+    rank = min(feats.shape)
+    if d > rank:
+        raise ValueError(f"cue_init: pca needs at least embedding_size={d} items and feature dimensions, "
+                         f"got features of shape {tuple(feats.shape)}")
+    if max(feats.shape) <= 4096:
+        directions = torch.linalg.svd(feats.float(), full_matrices=False).Vh[:d]
+    else:  # randomised SVD (Halko et al.) on large catalogues
+        directions = torch.svd_lowrank(feats.float(), q=min(d + 16, rank), niter=4)[2][:, :d].T
+    proj.weight.copy_(directions)
+    if proj.bias is not None:
+        proj.bias.zero_()
+
+
 class ExpertHeads(nn.Module):
     """E expert heads phi_e (Eq. 11) with expert-specific parameters, stacked along dim 0.
 
@@ -298,6 +317,12 @@ class MAGNET(GeneralRecommender):
             self.t_feat = self.t_feat - self.t_feat.mean(0, keepdim=True)
         self.proj_visual = nn.Linear(self.v_feat.shape[1], d, bias=not self.cue_centering)
         self.proj_text = nn.Linear(self.t_feat.shape[1], d, bias=not self.cue_centering)
+        self.cue_init = str(cfg["cue_init"])
+        if self.cue_init == "pca":  # f_m starts as the projection on the top-d principal directions of its input
+            for proj, feats in ((self.proj_visual, self.v_feat), (self.proj_text, self.t_feat)):
+                principal_projection_(proj, feats)
+        elif self.cue_init != "default":
+            raise ValueError(f"cue_init must be default or pca, got {self.cue_init!r}")
         coo = self.train_matrix.tocoo()
         deg = np.asarray(self.train_matrix.sum(axis=1)).ravel()
         vals = 1.0 / np.maximum(deg[coo.row], 1.0)
@@ -309,9 +334,13 @@ class MAGNET(GeneralRecommender):
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
         # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
         # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
+        # learned = a trainable gain exp(s_m) on r^A and r^S (s_m = 0 at the start, normal learning rate):
+        # the model chooses how much weight the cue channels carry against z
         self.modality_scale = str(cfg["modality_scale"])
-        if self.modality_scale not in ("none", "rms"):
-            raise ValueError(f"modality_scale must be none or rms, got {self.modality_scale!r}")
+        if self.modality_scale not in ("none", "rms", "learned"):
+            raise ValueError(f"modality_scale must be none, rms or learned, got {self.modality_scale!r}")
+        if self.modality_scale == "learned":
+            self.cue_log_gain = nn.Parameter(torch.zeros(2))
 
         # expert pool (Eqs. 12-15)
         if self.use_moe:
@@ -512,6 +541,9 @@ class MAGNET(GeneralRecommender):
         if self.modality_scale == "rms":
             factor = self.modality_factors(torch.cat([r_user, r_item]))
             r_user, r_item = r_user * factor, r_item * factor
+        elif self.modality_scale == "learned":
+            factor = torch.cat([self.cue_log_gain.new_zeros(1), self.cue_log_gain]).exp().view(1, 3, 1)
+            r_user, r_item = r_user * factor, r_item * factor
         out["r_user"], out["r_item"] = r_user, r_item
         return out
 
@@ -691,6 +723,8 @@ class MAGNET(GeneralRecommender):
                "stage": int(self.ctl_stage)}
         if int(self.ctl_switch_step) >= 0:
             out["switch_step"] = int(self.ctl_switch_step)
+        if self.modality_scale == "learned":
+            out["gain_A"], out["gain_S"] = self.cue_log_gain.detach().exp().tolist()
         return out
 
     def extra_results(self) -> dict:

@@ -350,6 +350,24 @@ def test_modality_scale_rms_matches_each_cue_to_the_behaviour_channel(make):
         make(modality_scale="layer")
 
 
+def test_modality_scale_learned_is_a_trainable_gain_per_cue_channel(make):
+    """``modality_scale: learned``: r^A, r^S times exp(s_A), exp(s_S); s = 0 at the start (= none), and the
+    gains receive gradient from the loss."""
+    plain, learned = make(modality_scale="none"), make(modality_scale="learned")
+    learned.load_state_dict(plain.state_dict(), strict=False)
+    torch.testing.assert_close(learned.encode()["r_item"], plain.encode()["r_item"])
+    with torch.no_grad():
+        learned.cue_log_gain.copy_(torch.tensor([math.log(2.0), math.log(0.5)]))
+    a, b = plain.encode(), learned.encode()
+    torch.testing.assert_close(b["r_user"][:, 0], a["r_user"][:, 0])
+    torch.testing.assert_close(b["r_user"][:, 1], 2.0 * a["r_user"][:, 1])
+    torch.testing.assert_close(b["r_item"][:, 2], 0.5 * a["r_item"][:, 2])
+    batch = {"users": torch.tensor([0, 1]), "pos_items": torch.tensor([2, 3]), "neg_items": torch.tensor([4, 5])}
+    learned.train()
+    sum(learned.calculate_loss(batch).values()).backward()
+    assert learned.cue_log_gain.grad is not None and float(learned.cue_log_gain.grad.abs().sum()) > 0
+
+
 def test_effective_routing_weights_are_reported(make):
     """The per-epoch log carries the effective weights of L_cov and L_conf in Eq. 32 (lambda_r times
     Eq. 31's factor in the current stage): stage 1 -> lambda_r (1 - H~) on coverage, 0 on confidence."""
@@ -420,3 +438,39 @@ def test_score_parts_rank_by_the_parts_they_name(make):
     u, i = t["r_user"][users], t["r_item"]
     torch.testing.assert_close(parts["cue similarity"](users), u[:, 1] @ i[:, 1].T + u[:, 2] @ i[:, 2].T)
     assert parts["z^UI dot"](users).shape == (3, m.n_items)
+    before = m.proj_visual.weight.detach().clone()
+    with torch.no_grad():
+        no_cues = parts["full, no cues"](users)
+        torch.testing.assert_close(m.proj_visual.weight, before)  # restored after scoring
+        for proj in (m.proj_visual, m.proj_text):
+            for p in proj.parameters():
+                p.zero_()
+        torch.testing.assert_close(no_cues, m.full_sort_predict({"users": users}))
+    assert not torch.allclose(no_cues, full)
+
+
+def test_cue_init_pca_projects_on_the_principal_directions(make):
+    """``cue_init: pca``: f_m's rows are orthonormal top principal directions of its (centred) input, so
+    the item cues keep as much feature variance as any d-dim linear map can."""
+    m = make(cue_init="pca", cue_centering=True)
+    w = m.proj_text.weight.detach()
+    torch.testing.assert_close(w @ w.T, torch.eye(w.shape[0]), atol=1e-4, rtol=1e-4)
+    feats = m.t_feat
+    captured = (feats @ w.T).pow(2).sum()
+    sv = torch.linalg.svdvals(feats)
+    torch.testing.assert_close(captured, sv[: w.shape[0]].pow(2).sum(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cue_init"):
+        make(cue_init="orthogonal")
+
+
+def test_principal_projection_on_a_large_catalogue_uses_the_randomised_svd():
+    from models.magnet import principal_projection_
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(5000, 6, generator=g) @ torch.randn(6, 40, generator=g) + 0.01 * torch.randn(5000, 40, generator=g)
+    proj = torch.nn.Linear(40, 4)
+    torch.manual_seed(0)
+    principal_projection_(proj, feats)
+    captured = (feats @ proj.weight.detach().T).pow(2).sum()
+    torch.testing.assert_close(captured, torch.linalg.svdvals(feats)[:4].pow(2).sum(), rtol=1e-3, atol=1e-3)
+    assert float(proj.bias.abs().max()) == 0.0

@@ -5,6 +5,7 @@
 RUN_DIR is the output folder of a MAGNET run (config.yaml and best.pth). The best epoch's weights are
 ranked on the validation and test splits (training items masked, as the trainer does) by:
   full           the model's score (Eqs. 16-21: routed mixture of the template experts)
+  full, no cues  the same with h^A = h^S = 0 (f_m zeroed): what the cue channels add to the mixture
   z dot          <z_u, z_i> of the fused backbone (Eq. 6) alone, as LightGCN would score
   z^UI dot       the same on the interaction view only (Eq. 5 on G_UI)
   cue similarity <h^A_u, h^A_i> + <h^S_u, h^S_i>: the modality cues alone (Eqs. 7-8)
@@ -14,6 +15,7 @@ share of each channel really carries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,10 +51,31 @@ def score_parts(model) -> dict:
     z, z_ui, r_u, r_i = tables["z"], tables["z_ui"], tables["r_user"], tables["r_item"]
     return {
         "full": lambda users: model.full_sort_predict({"users": users}),
+        "full, no cues": lambda users: _without_cues(model, users),
         "z dot": lambda users: z[users] @ z[n_u:].T,
         "z^UI dot": lambda users: z_ui[users] @ z_ui[n_u:].T,
         "cue similarity": lambda users: r_u[users, 1] @ r_i[:, 1].T + r_u[users, 2] @ r_i[:, 2].T,
     }
+
+
+@contextlib.contextmanager
+def _cues_zeroed(model):
+    """f_A and f_S output 0 inside the block (their parameters are restored afterwards)."""
+    saved = [(p, p.detach().clone()) for proj in (model.proj_visual, model.proj_text) for p in proj.parameters()]
+    try:
+        for p, _ in saved:
+            p.data.zero_()
+        yield
+    finally:
+        for p, value in saved:
+            p.data.copy_(value)
+
+
+def _without_cues(model, users):
+    """The full score with h^A = h^S = 0: the tables are recomputed, not read from the pass's cache."""
+    with _cues_zeroed(model):
+        model.end_evaluation()
+        return model.full_sort_predict({"users": users})
 
 
 def main(argv=None) -> int:
