@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmrec.config import ConfigError, load_config
     from mmrec.data import DataError, RecDataset
+    from mmrec.quick_start import Interrupted
     from mmrec.registry import RegistryError, available_models, canonical_name
 
     try:
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop (e.g. while building graphs): nothing to resume
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

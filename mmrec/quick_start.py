@@ -140,13 +140,22 @@ def run(model: str, dataset: str, overrides: dict | list | None = None, out_dir:
         config = Config(yaml.safe_load(saved.read_text()))
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet)
-    if grid_size(config) == 1:
-        for _, cfg in grid_points(config):
-            result = train_one(cfg, out, resume=resume)
-    else:
-        result = run_grid(config, out, resume)
+    try:
+        if grid_size(config) == 1:
+            for _, cfg in grid_points(config):
+                result = train_one(cfg, out, resume=resume)
+        else:
+            result = run_grid(config, out, resume)
+    except KeyboardInterrupt:
+        command = "grid " if grid_size(config) > 1 else ""
+        raise Interrupted(f"interrupted: every finished epoch is kept in {out} (last.pth); continue with\n"
+                          f"  python main.py {command}-m {model} -d {dataset} --resume {out}") from None
     result["result_path"] = str(out / "result.json")
     return result
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the message says where the run is kept and how to resume it."""
 
 
 def run_grid(config: Config, out: Path, resume: bool = False) -> dict:

@@ -29,3 +29,20 @@ def test_unknown_key_and_model_suggest_a_fix():
 def test_show_prints_resolved_config():
     res = _main("show", "-m", "LightGCN", "-d", "mini", "--set", "n_layers=3")
     assert res.returncode == 0 and "n_layers: 3" in res.stdout
+
+
+def test_ctrl_c_keeps_the_run_and_prints_the_resume_command(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training: exit 130, no traceback, the folder and the exact --resume command."""
+    import main as cli
+    from mmrec import quick_start
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quick_start, "train_one", interrupted)
+    out = tmp_path / "run"
+    rc = cli.main(["-m", "BPR", "-d", "mini", "--out", str(out), "--set", "num_threads=1"])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert f"python main.py -m BPR -d mini --resume {out}" in err and "last.pth" in err
+    assert "Traceback" not in err
