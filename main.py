@@ -28,6 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config key (value parsed as YAML); repeatable")
     p.add_argument("--gpu", action="store_true", help="use CUDA (same as --set use_gpu=true)")
     p.add_argument("--out", type=Path, help="output folder (default saved/<model>-<dataset>-<time>/)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
             for m in models:  # fail fast on a bad name or key, before any training
                 load_config(canonical_name(m), args.dataset, sets)
-            res = quick_start.compare(models, args.dataset, seeds, args.splits, sets, args.out)
+            res = quick_start.compare(models, args.dataset, seeds, args.splits, sets, args.out,
+                                      overwrite=args.overwrite)
         else:
             resume = getattr(args, "resume", None)
             out = resume or args.out
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--resume {resume}: no such run folder")
             res = quick_start.run(args.model, args.dataset, sets, out,
                                   grid=(args.command == "grid" or getattr(args, "grid", False)),
-                                  resume=resume is not None)
+                                  resume=resume is not None, overwrite=args.overwrite)
         print(res["result_path"])
         return 0
     except (ConfigError, DataError, RegistryError) as err:

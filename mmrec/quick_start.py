@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from mmrec.config import ROOT, Config, grid_points, grid_size, load_config
+from mmrec.config import ROOT, Config, ConfigError, grid_points, grid_size, load_config
 from mmrec.data import RecDataset
 from mmrec.registry import canonical_name, get_model
 from mmrec.trainer import Trainer, init_seed
@@ -107,7 +108,12 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
         state = torch.load(out_dir / "last.pth", map_location=config["device"], weights_only=False)
         trainer.load_state_dict(state)
         log.info(f"resumed from {out_dir / 'last.pth'} at epoch {trainer.epoch}")
-    fit = trainer.fit()
+    try:
+        fit = trainer.fit()
+    except Exception as err:  # marked, so a half-finished folder is never read as a result
+        (out_dir / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
+        raise
+    (out_dir / "FAILED").unlink(missing_ok=True)
     result = {"model": model_cls.__name__, "dataset": config["dataset"], "config": config.to_dict(),
               "best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"], "valid": fit["valid"],
               "test": fit["test"], "stopped_by": fit["stopped_by"], "diverged": fit["diverged"],
@@ -124,8 +130,30 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
     return result
 
 
+RUN_FILES = ("config.yaml", "log.txt", "last.pth", "best.pth", "result.json", "topk_test.tsv", "FAILED")
+
+
+def _holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).exists() for f in RUN_FILES)
+
+
+def claim_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder that holds another run (unless resuming it, or ``overwrite``: then its run
+    files and the run folders inside it, e.g. grid points, are removed first)."""
+    if resume or not _holds_run(out) and not (out.is_dir() and any(_holds_run(c) for c in out.iterdir())):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} holds another run; continue it with --resume {out}, replace it with "
+                          f"--overwrite, or choose another folder")
+    for child in out.iterdir():
+        if child.is_dir() and _holds_run(child):
+            shutil.rmtree(child)
+        elif child.name in RUN_FILES or child.name in ("compare.json", "compare.md", "grid.json"):
+            child.unlink()
+
+
 def run(model: str, dataset: str, overrides: dict | list | None = None, out_dir: Path | str | None = None,
-        grid: bool = False, resume: bool = False, quiet: bool = False) -> dict:
+        grid: bool = False, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     """Train ``model`` on ``dataset`` (walking the grid when one is active); returns result.json's dict."""
     name = canonical_name(model)
     model_yaml = None
@@ -138,6 +166,7 @@ def run(model: str, dataset: str, overrides: dict | list | None = None, out_dir:
     saved = out / "config.yaml"
     if resume and saved.exists():  # a resumed single run continues with exactly its saved config
         config = Config(yaml.safe_load(saved.read_text()))
+    claim_out_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet)
     try:
@@ -201,10 +230,11 @@ def run_grid(config: Config, out: Path, resume: bool = False) -> dict:
 
 
 def compare(models: list[str], dataset: str, seeds: list[int] | None = None, splits: int = 0,
-            overrides: list | None = None, out_dir: Path | None = None) -> dict:
+            overrides: list | None = None, out_dir: Path | None = None, overwrite: bool = False) -> dict:
     """Train each model under identical splits and seeds; mean and spread of the test metrics, and a
     paired comparison per user is possible from the saved per-run results."""
     out = Path(out_dir) if out_dir else default_out_dir("compare", dataset)
+    claim_out_dir(out, False, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
     runs = []

@@ -46,3 +46,27 @@ def test_ctrl_c_keeps_the_run_and_prints_the_resume_command(tmp_path, monkeypatc
     assert rc == 130
     assert f"python main.py -m BPR -d mini --resume {out}" in err and "last.pth" in err
     assert "Traceback" not in err
+
+
+def test_out_refuses_another_run_unless_overwrite_and_failed_runs_are_marked(tmp_path, monkeypatch, capsys):
+    import main as cli
+    from mmrec import quick_start
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text("{}")
+    rc = cli.main(["-m", "BPR", "-d", "mini", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--resume {out}" in err and "--overwrite" in err
+    assert (out / "result.json").read_text() == "{}"  # untouched
+
+    def broken_fit(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(quick_start.Trainer, "fit", broken_fit)
+    try:
+        cli.main(["-m", "BPR", "-d", "mini", "--out", str(out), "--overwrite", "--set", "num_threads=1"])
+    except RuntimeError:
+        pass
+    assert not (out / "result.json").exists()  # the old result is gone, the new run is marked failed
+    assert (out / "FAILED").read_text().startswith("RuntimeError: boom")
