@@ -21,9 +21,11 @@ sys.path.insert(0, str(ROOT))
 COMMANDS = ("train", "grid", "compare", "show", "prepare", "models")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="model name (see `models`) or package.module:Class")
-    p.add_argument("-d", "--dataset", required=True, help="dataset folder name under data_path")
+def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
+    note = " (not needed with --resume)" if not required else ""
+    p.add_argument("-m", "--model", required=required,
+                   help="model name (see `models`) or package.module:Class" + note)
+    p.add_argument("-d", "--dataset", required=required, help="dataset folder name under data_path" + note)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (value parsed as YAML); repeatable")
     p.add_argument("--gpu", action="store_true", help="use CUDA (same as --set use_gpu=true)")
@@ -36,12 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command")
     p = sub.add_parser("train", help="train and evaluate one model (walks the grid if one is active)")
-    _common(p)
+    _common(p, required=False)
     p.add_argument("--grid", action="store_true", help="switch on the model yaml's grid")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run in DIR")
+    p.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the run in DIR with its saved config (--set epochs=N extends it)")
     p = sub.add_parser("grid", help="grid search over the model yaml's grid, best by validation")
-    _common(p)
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted grid in DIR")
+    _common(p, required=False)
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the grid in DIR with its saved config")
     p = sub.add_parser("compare", help="several models side by side under identical splits and seeds")
     _common(p)
     p.add_argument("--seeds", default="999", help="comma-separated seeds (default 999)")
@@ -61,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
+    if args.command in ("train", "grid") and args.resume is None and (args.model is None or args.dataset is None):
+        parser.error("the following arguments are required: -m/--model, -d/--dataset (or --resume DIR)")
 
     from mmrec.config import ConfigError, load_config
     from mmrec.data import DataError, RecDataset

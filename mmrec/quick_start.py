@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from mmrec.config import ROOT, Config, ConfigError, grid_points, grid_size, load_config
+from mmrec.config import ROOT, Config, ConfigError, grid_points, grid_size, load_config, parse_set
 from mmrec.data import RecDataset
 from mmrec.registry import canonical_name, get_model
 from mmrec.trainer import Trainer, init_seed
@@ -152,23 +152,55 @@ def claim_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             child.unlink()
 
 
-def run(model: str, dataset: str, overrides: dict | list | None = None, out_dir: Path | str | None = None,
-        grid: bool = False, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
-    """Train ``model`` on ``dataset`` (walking the grid when one is active); returns result.json's dict."""
-    name = canonical_name(model)
-    model_yaml = None
-    if ":" in model:
-        model_yaml = ROOT / "configs" / "model" / f"{name}.yaml"
-    config = load_config(model if ":" in model else name, dataset, overrides, grid=grid,
-                         model_yaml=model_yaml)
-    config["model"] = model if ":" in model else name
-    out = Path(out_dir) if out_dir else default_out_dir(name, dataset)
+#: keys a resumed run may change: how long it trains and where it runs, never what it computes
+RESUME_KEYS = ("epochs", "num_threads", "use_gpu", "gpu_id")
+
+
+def resumed_config(out: Path, model: str | None = None, dataset: str | None = None,
+                   overrides: dict | list | None = None) -> Config:
+    """The saved configuration of the run (or grid) in ``out``, with the RESUME_KEYS of ``overrides``;
+    ``model``/``dataset``, when given, must name the saved run's."""
     saved = out / "config.yaml"
-    if resume and saved.exists():  # a resumed single run continues with exactly its saved config
-        config = Config(yaml.safe_load(saved.read_text()))
-    claim_out_dir(out, resume, overwrite)
+    if not saved.exists():
+        raise ConfigError(f"--resume {out}: no config.yaml there, so it is not a run folder of this toolkit")
+    config = Config(yaml.safe_load(saved.read_text()))
+    for given, key in ((model, "model"), (dataset, "dataset")):
+        if given is not None and canonical_name(str(given)) != canonical_name(str(config[key])):
+            raise ConfigError(f"--resume {out} holds a {config['model']} run on {config['dataset']}; "
+                              f"the given {key} {given!r} contradicts it (leave -m/-d out when resuming)")
+    items = overrides.items() if isinstance(overrides, dict) else (parse_set(s) for s in overrides or [])
+    for key, value in items:
+        if key not in RESUME_KEYS:
+            raise ConfigError(f"--resume {out}: a resumed run keeps its saved configuration; --set {key}=... "
+                              f"cannot change it (allowed: {', '.join(RESUME_KEYS)}; start a new run otherwise)")
+        config[key] = value
+    return config
+
+
+def run(model: str | None, dataset: str | None, overrides: dict | list | None = None,
+        out_dir: Path | str | None = None, grid: bool = False, resume: bool = False, quiet: bool = False,
+        overwrite: bool = False) -> dict:
+    """Train ``model`` on ``dataset`` (walking the grid when one is active); returns result.json's dict.
+    ``resume``: continue the run in ``out_dir`` with its saved configuration (model and dataset may be
+    None; only RESUME_KEYS may be overridden, e.g. more ``epochs`` to extend a finished run)."""
+    if resume:
+        out = Path(out_dir)
+        config = resumed_config(out, model, dataset, overrides)
+        model, dataset = str(config["model"]), str(config["dataset"])
+    else:
+        name = canonical_name(model)
+        model_yaml = None
+        if ":" in model:
+            model_yaml = ROOT / "configs" / "model" / f"{name}.yaml"
+        config = load_config(model if ":" in model else name, dataset, overrides, grid=grid,
+                             model_yaml=model_yaml)
+        config["model"] = model if ":" in model else name
+        out = Path(out_dir) if out_dir else default_out_dir(name, dataset)
+        claim_out_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet)
+    if grid_size(config) > 1:  # the grid's own configuration, for --resume
+        (out / "config.yaml").write_text(yaml.safe_dump(_jsonable(config.to_dict()), sort_keys=True))
     try:
         if grid_size(config) == 1:
             for _, cfg in grid_points(config):
@@ -178,7 +210,7 @@ def run(model: str, dataset: str, overrides: dict | list | None = None, out_dir:
     except KeyboardInterrupt:
         command = "grid " if grid_size(config) > 1 else ""
         raise Interrupted(f"interrupted: every finished epoch is kept in {out} (last.pth); continue with\n"
-                          f"  python main.py {command}-m {model} -d {dataset} --resume {out}") from None
+                          f"  python main.py {command}--resume {out}") from None
     result["result_path"] = str(out / "result.json")
     return result
 

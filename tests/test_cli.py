@@ -44,7 +44,7 @@ def test_ctrl_c_keeps_the_run_and_prints_the_resume_command(tmp_path, monkeypatc
     rc = cli.main(["-m", "BPR", "-d", "mini", "--out", str(out), "--set", "num_threads=1"])
     err = capsys.readouterr().err
     assert rc == 130
-    assert f"python main.py -m BPR -d mini --resume {out}" in err and "last.pth" in err
+    assert f"python main.py --resume {out}" in err and "last.pth" in err
     assert "Traceback" not in err
 
 
@@ -70,3 +70,25 @@ def test_out_refuses_another_run_unless_overwrite_and_failed_runs_are_marked(tmp
         pass
     assert not (out / "result.json").exists()  # the old result is gone, the new run is marked failed
     assert (out / "FAILED").read_text().startswith("RuntimeError: boom")
+
+
+def test_resume_alone_continues_and_extends_a_run_and_rejects_contradictions(tmp_path):
+    """`--resume DIR` needs no -m/-d, takes more epochs with --set epochs=N, and refuses -m/-d or keys
+    that contradict the saved run."""
+    import json
+
+    out = tmp_path / "bpr"
+    common = ["--set", "num_threads=1", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    first = _main("-m", "BPR", "-d", "mini", "--set", "epochs=1", "--out", str(out), *common)
+    assert first.returncode == 0, first.stderr
+    assert json.loads((out / "result.json").read_text())["epochs_run"] == 1
+    extended = _main("--resume", str(out), "--set", "epochs=2", "--set", "num_threads=1")
+    assert extended.returncode == 0, extended.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs_run"] == 2 and result["model"] == "BPR"
+    wrong_model = _main("-m", "LightGCN", "--resume", str(out))
+    assert wrong_model.returncode == 2 and "contradicts" in wrong_model.stderr
+    changed = _main("--resume", str(out), "--set", "learning_rate=0.1")
+    assert changed.returncode == 2 and "learning_rate" in changed.stderr and "Traceback" not in changed.stderr
+    missing = _main("-m", "BPR")
+    assert missing.returncode == 2 and "--resume DIR" in missing.stderr
