@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "prepare":
             config = load_config("BPR", args.dataset, sets)
+            config["model"] = None  # not an ID-only model: check and load every configured feature file
             print(RecDataset(config).summary())
             return 0
         if args.command == "show":

@@ -82,7 +82,10 @@ class GeneralRecommender(AbstractRecommender):
     """A recommender over users x items with optional item content features.
 
     Provides ``v_feat`` / ``t_feat`` (float32 tensors on the device, or None), ``train_matrix`` (scipy
-    CSR, training split only) and helpers for the shared graph primitives."""
+    CSR, training split only) and helpers for the shared graph primitives.  A model that reads no item
+    features sets ``uses_features = False``: the dataset then neither requires nor loads feature files."""
+
+    uses_features = True
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

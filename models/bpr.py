@@ -13,6 +13,8 @@ from mmrec.recommender import GeneralRecommender
 
 
 class BPR(GeneralRecommender):
+    uses_features = False  # ID-only: runs on datasets without feature files
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.reg_weight = float(config["reg_weight"])

@@ -17,6 +17,8 @@ from mmrec.recommender import GeneralRecommender
 
 
 class LightGCN(GeneralRecommender):
+    uses_features = False  # ID-only: runs on datasets without feature files
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.n_layers = int(config["n_layers"])

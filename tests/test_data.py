@@ -1,4 +1,6 @@
 """Loading, both split modes, cold-start filtering, the negative sampler and every bad-input error."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,26 @@ def test_missing_amazon_dataset_names_path_files_and_drive(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "baby") in msg and "baby.inter" in msg and "image_feat.npy" in msg
     assert "drive.google.com" in msg
+
+
+def test_id_only_models_run_on_a_dataset_without_feature_files(tmp_path):
+    """LightGCN and BPR declare uses_features = False: no feature file needed or loaded; a content model
+    on the same folder still stops with the missing file named."""
+    from mmrec.trainer import Trainer
+    from models.lightgcn import LightGCN
+    from tests.conftest import random_interactions, write_dataset
+
+    users, items, labels = random_interactions(30, 20, seed=0)
+    rng = np.random.default_rng(1)
+    folder = write_dataset(tmp_path, "idonly", users, items, labels, rng.normal(size=(20, 4)),
+                           rng.normal(size=(20, 4)))
+    for f in ("image_feat.npy", "text_feat.npy"):
+        (Path(folder) / f).unlink()
+    sets = {"data_path": str(tmp_path), "cache_dir": str(tmp_path / "cache"), "epochs": 1, "num_threads": 1}
+    config = load_config("LightGCN", "idonly", sets)
+    dataset = RecDataset(config)
+    assert dataset.features == {}
+    fit = Trainer(config, LightGCN(config, dataset), dataset, None).fit()
+    assert fit["epochs_run"] == 1 and "recall@20" in fit["valid"]
+    with pytest.raises(DataError, match="image_feat.npy"):
+        RecDataset(load_config("FREEDOM", "idonly", sets))

@@ -89,6 +89,8 @@ class RecDataset:
         self.folder = folder
         inter_path = folder / (config.get("inter_file_name") or f"{self.name}.inter")
         feature_paths = {m: folder / config[key] for m, key in MODALITIES.items() if config.get(key)}
+        if not _model_uses_features(config):  # ID-only models neither need nor load feature files
+            feature_paths = {}
         if not folder.is_dir() or not inter_path.exists():
             raise DataError(_missing_message(folder, config))
         for m, path in feature_paths.items():
@@ -257,6 +259,19 @@ class RecDataset:
         return (f"{self.name}: {self.n_users} users, {self.n_items} items, {self.n_train} train / "
                 f"{self.valid_matrix.nnz} valid / {self.test_matrix.nnz} test interactions, "
                 f"features {', '.join(f'{m}:{f.shape[1]}' for m, f in self.features.items())}")
+
+
+def _model_uses_features(config) -> bool:
+    """False only for a registered model that declares ``uses_features = False`` (BPR, LightGCN)."""
+    name = config.get("model")
+    if not name:
+        return True
+    from mmrec.registry import RegistryError, get_model
+
+    try:
+        return bool(getattr(get_model(str(name)), "uses_features", True))
+    except RegistryError:
+        return True
 
 
 def _synthetic_presets() -> set[str]:
