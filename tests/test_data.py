@@ -10,10 +10,11 @@ from mmrec.data import DataError, NegativeSampler, RecDataset, TrainBatches, mmr
 from tests.conftest import random_interactions, write_dataset
 
 
-def _config(tmp_path, **sets):
+def _config(tmp_path, model="FREEDOM", **sets):
+    """A content model's config (its dataset loads and checks the feature files; BPR's would not)."""
     base = {"data_path": str(tmp_path), "cache_dir": ""}
     base.update(sets)
-    return load_config("BPR", "toy", base)
+    return load_config(model, "toy", base)
 
 
 def _write(tmp_path, users, items, labels, n_items=None, v=None, t=None):
