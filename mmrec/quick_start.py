@@ -108,12 +108,7 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
         state = torch.load(out_dir / "last.pth", map_location=config["device"], weights_only=False)
         trainer.load_state_dict(state)
         log.info(f"resumed from {out_dir / 'last.pth'} at epoch {trainer.epoch}")
-    try:
-        fit = trainer.fit()
-    except Exception as err:  # marked, so a half-finished folder is never read as a result
-        (out_dir / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
-        raise
-    (out_dir / "FAILED").unlink(missing_ok=True)
+    fit = trainer.fit()
     result = {"model": model_cls.__name__, "dataset": config["dataset"], "config": config.to_dict(),
               "best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"], "valid": fit["valid"],
               "test": fit["test"], "stopped_by": fit["stopped_by"], "diverged": fit["diverged"],
@@ -207,10 +202,14 @@ def run(model: str | None, dataset: str | None, overrides: dict | list | None = 
                 result = train_one(cfg, out, resume=resume)
         else:
             result = run_grid(config, out, resume)
+    except Exception as err:  # marked, so a half-finished folder is never read as a result
+        (out / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
+        raise
     except KeyboardInterrupt:
         command = "grid " if grid_size(config) > 1 else ""
         raise Interrupted(f"interrupted: every finished epoch is kept in {out} (last.pth); continue with\n"
                           f"  python main.py {command}--resume {out}") from None
+    (out / "FAILED").unlink(missing_ok=True)
     result["result_path"] = str(out / "result.json")
     return result
 

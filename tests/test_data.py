@@ -163,3 +163,12 @@ def test_id_only_models_run_on_a_dataset_without_feature_files(tmp_path):
     assert fit["epochs_run"] == 1 and "recall@20" in fit["valid"]
     with pytest.raises(DataError, match="image_feat.npy"):
         RecDataset(load_config("FREEDOM", "idonly", sets))
+
+
+def test_an_unknown_dataset_name_lists_what_exists(tmp_path):
+    for name in ("books", "toys"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(DataError) as err:
+        RecDataset(_config(tmp_path, dataset="bookz"))
+    msg = str(err.value)
+    assert "books, toys" in msg and "mini" in msg and "baby" in msg

@@ -45,6 +45,11 @@ def _missing_message(folder: Path, config) -> str:
            f"(MMRec format, see README 'Datasets').")
     if name.lower() in AMAZON_DATASETS:
         msg += f" Download the '{name}' folder from MMRec's Google Drive ({DRIVE_URL}) into {folder.parent}/."
+    elif not folder.exists():  # an unknown name: say what exists
+        present = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
+        msg += (f" Datasets in {folder.parent}: {', '.join(present) or 'none'}; generated on first use: "
+                f"{', '.join(sorted(_synthetic_presets() | {'mini'}))}; downloadable (MMRec): "
+                f"{', '.join(sorted(AMAZON_DATASETS))}.")
     return msg
 
 
