@@ -98,7 +98,10 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
     init_seed(int(config["seed"]))
     model_cls = get_model(config["model"])
     t_build = time.perf_counter()
-    model = model_cls(config, dataset).to(config["device"])
+    try:
+        model = model_cls(config, dataset).to(config["device"])
+    except ValueError as err:  # a model's own check of its keys: one line, exit 2
+        raise ConfigError(f"{model_cls.__name__}: {err}") from err
     build_seconds = time.perf_counter() - t_build
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"{model_cls.__name__}: {n_params:,} trainable parameters, built in {build_seconds:.2f}s on "

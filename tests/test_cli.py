@@ -92,3 +92,9 @@ def test_resume_alone_continues_and_extends_a_run_and_rejects_contradictions(tmp
     assert changed.returncode == 2 and "learning_rate" in changed.stderr and "Traceback" not in changed.stderr
     missing = _main("-m", "BPR")
     assert missing.returncode == 2 and "--resume DIR" in missing.stderr
+
+
+def test_a_models_own_key_check_is_one_line_with_exit_2(tmp_path):
+    res = _main("-m", "MAGNET", "-d", "mini", "--set", "K=20", "--set", "num_threads=1",
+                "--set", f"cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "run"))
+    assert res.returncode == 2 and "K=20 must lie in 1..E" in res.stderr and "Traceback" not in res.stderr
