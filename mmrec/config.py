@@ -115,12 +115,76 @@ def _merge_hyper(base: list, extra) -> list:
     return out
 
 
+# Ranges and allowed sets of the harness keys (overall.yaml); a key's type is the type of its default
+# in the first layer that defines it (overall < dataset < model yaml), so every model key is typed too.
+RANGES: dict[str, tuple[str, Any]] = {
+    "epochs": (">=", 1), "train_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "eval_step": (">=", 1),
+    "stopping_step": (">=", 0), "learning_rate": (">", 0), "weight_decay": (">=", 0), "embedding_size": (">=", 1),
+    "n_layers": (">=", 0), "num_threads": (">=", 0), "save_topk": (">=", 0), "metric_decimals": (">=", 0),
+    "learning_rate_floor": (">=", 0), "split": ("in", ("x_label", "random")),
+    "optimizer_empty_grad": ("in", ("skip", "zero")), "learner": ("in", ("adam", "adamw", "sgd", "adagrad")),
+}
+METRIC_NAMES = ("recall", "ndcg", "precision", "map")
+
+
+def _type_name(default) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list"}.get(type(default), type(default).__name__)
+
+
+def _check_value(key: str, value, default, where: str) -> Any:
+    """``value`` converted to the type of ``default`` (int -> float allowed), or a ConfigError."""
+    def fail(expected: str):
+        raise ConfigError(f"{key}={value!r} ({where}): expected {expected}")
+
+    if default is None or value is None and key not in RANGES:
+        return value  # untyped (default null), or a model's optional setting switched off with null
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail(_type_name(default))
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(_type_name(default))
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(_type_name(default))
+        value = float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        fail(_type_name(default))
+    elif isinstance(default, list) and not isinstance(value, list):
+        fail(_type_name(default))
+    rule = RANGES.get(key)
+    if rule:
+        op, bound = rule
+        ok = value in bound if op == "in" else value >= bound if op == ">=" else value > bound
+        if not ok:
+            fail(f"one of {', '.join(bound)}" if op == "in" else f"{_type_name(default)} {op} {bound}")
+    return value
+
+
+def _check_protocol(values: dict, source: dict) -> None:
+    """Cross-key checks of the evaluation protocol (valid_metric among the computed metrics)."""
+    topk, metrics = values.get("topk"), values.get("metrics")
+    if isinstance(topk, list) and not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in topk):
+        raise ConfigError(f"topk={topk!r} ({source.get('topk')}): expected a list of integers >= 1")
+    if isinstance(metrics, list) and any(m not in METRIC_NAMES for m in metrics):
+        raise ConfigError(f"metrics={metrics!r} ({source.get('metrics')}): allowed {', '.join(METRIC_NAMES)}")
+    vm = values.get("valid_metric")
+    if isinstance(vm, str) and isinstance(topk, list) and isinstance(metrics, list):
+        name, _, k = vm.lower().partition("@")
+        if name not in metrics or not k.isdigit() or int(k) not in topk:
+            raise ConfigError(f"valid_metric={vm!r} ({source.get('valid_metric')}): expected METRIC@K with METRIC "
+                              f"in metrics {metrics} and K in topk {topk}")
+
+
 def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] | None = None,
                 grid: bool = False, config_dir: Path | None = None,
                 model_yaml: Path | None = None) -> Config:
     """Resolve the layered configuration of one (model, dataset) pair."""
     cdir = Path(config_dir) if config_dir else CONFIG_DIR
     values: dict[str, Any] = {}
+    declared: dict[str, tuple[Any, str]] = {}  # key -> (default in the first layer that defines it, file)
+    source: dict[str, str] = {}  # key -> where its value comes from
     hyper: list[str] = []
     layers = [cdir / "overall.yaml", cdir / "dataset" / f"{dataset}.yaml"]
     layers.append(Path(model_yaml) if model_yaml else cdir / "model" / f"{model}.yaml")
@@ -137,6 +201,9 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
         per_dataset = data.pop("dataset_overrides", None) or {}
         if path.parent.name == "model":
             model_grid = data.pop("grid", None) or {}
+        for key, value in data.items():
+            declared.setdefault(key, (value, str(path)))
+            source[key] = str(path)
         values.update(data)
         if path.parent.name == "model" and dataset in per_dataset:
             block = per_dataset[dataset] or {}
@@ -147,6 +214,7 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
             if "grid" in block:
                 model_grid = {**model_grid, **(block.pop("grid") or {})}
             values.update(block)
+            source.update({k: f"{path} dataset_overrides.{dataset}" for k in block})
     if grid:
         for key, options in model_grid.items():
             if not isinstance(options, list):
@@ -165,6 +233,8 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
             raise ConfigError(f"unknown config key {key!r}{_suggest(key, values)}; "
                               "known keys are listed by `python main.py show -m MODEL -d DATASET`")
         values[key] = value
+        source[key] = "--set"
+    grid_capable = set(hyper) | set(model_grid)
     # a grid key keeps a list of 2+ values; a one-element list or a scalar fixes it (the grid shrinks)
     grid_keys = []
     for key in hyper:
@@ -175,6 +245,18 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
         if isinstance(values[key], list):
             grid_keys.append(key)
     values["hyper_parameters"] = grid_keys
+    # every value has its default's type (and range): one line naming the key, the value and its source
+    for key, (default, path) in declared.items():
+        if key in ("hyper_parameters", "model", "dataset"):
+            continue
+        where, value = source.get(key, path), values[key]
+        if isinstance(default, list) and key in grid_capable:  # a grid declared in a yaml: typed by its items
+            default = default[0] if default else None
+        if isinstance(value, list) and (key in grid_keys or key in grid_capable) and not isinstance(default, list):
+            values[key] = [_check_value(key, v, default, where) for v in value]
+        else:
+            values[key] = _check_value(key, value, default, where)
+    _check_protocol(values, source)
     return Config(values)
 
 

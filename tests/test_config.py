@@ -76,3 +76,27 @@ def test_shipped_configs_resolve_for_every_model_and_dataset():
             cfg = load_config(name, ds)
             assert cfg["model"] == name
             load_config(name, ds, grid=True)
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("learning_rate=abc", "learning_rate='abc' (--set): expected a number"),
+    ("n_layers=2.5", "n_layers=2.5 (--set): expected an integer"),
+    ("epochs=0", "epochs=0 (--set): expected an integer >= 1"),
+    ("valid_metric=hit@20", "expected METRIC@K"),
+    ("valid_metric=recall@7", "K in topk"),
+    ("use_gpu=yes please", "expected true or false"),
+    ("split=temporal", "one of x_label, random"),
+])
+def test_bad_values_are_one_line_naming_key_value_and_source(setting, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("LightGCN", "mini", [setting])
+    assert fragment in str(err.value)
+
+
+def test_values_are_converted_to_their_defaults_type_and_yaml_sources_are_named(tmp_path):
+    cfg = load_config("LightGCN", "mini", ["learning_rate=1", "seed=[1, 2]"])
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
+    assert cfg["seed"] == [1, 2] and cfg["hyper_parameters"] == ["seed"]
+    cdir = _write(tmp_path, "epochs: 10\nseed: 1\n", None, "epochs: 2.5\n")
+    with pytest.raises(ConfigError, match=r"epochs=2.5 \(.*M.yaml\): expected an integer"):
+        load_config("M", "ds", config_dir=cdir)
