@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--gpu", action="store_true", help="use CUDA (same as --set use_gpu=true)")
     p.add_argument("--out", type=Path, help="output folder (default saved/<model>-<dataset>-<time>/)")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
+    p.add_argument("--config", action="append", default=[], type=Path, metavar="YAML",
+                   help="extra yaml layered after the model's (your model's own keys); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             import yaml
 
-            config = load_config(canonical_name(args.model), args.dataset, sets, grid=args.grid)
+            config = load_config(canonical_name(args.model), args.dataset, sets, grid=args.grid,
+                                 extra_yamls=args.config)
             print(yaml.safe_dump(config.to_dict(), sort_keys=True), end="")
             return 0
         from mmrec import quick_start
@@ -103,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             models = [m.strip() for m in args.model.split(",") if m.strip()]
             seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
             for m in models:  # fail fast on a bad name or key, before any training
-                load_config(canonical_name(m), args.dataset, sets)
+                load_config(canonical_name(m), args.dataset, sets, extra_yamls=args.config)
             res = quick_start.compare(models, args.dataset, seeds, args.splits, sets, args.out,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, extra_yamls=args.config)
         else:
             resume = getattr(args, "resume", None)
             out = resume or args.out
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--resume {resume}: no such run folder")
             res = quick_start.run(args.model, args.dataset, sets, out,
                                   grid=(args.command == "grid" or getattr(args, "grid", False)),
-                                  resume=resume is not None, overwrite=args.overwrite)
+                                  resume=resume is not None, overwrite=args.overwrite, extra_yamls=args.config)
         print(res["result_path"])
         return 0
     except (ConfigError, DataError, RegistryError) as err:

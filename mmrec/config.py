@@ -179,8 +179,9 @@ def _check_protocol(values: dict, source: dict) -> None:
 
 def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] | None = None,
                 grid: bool = False, config_dir: Path | None = None,
-                model_yaml: Path | None = None) -> Config:
-    """Resolve the layered configuration of one (model, dataset) pair."""
+                model_yaml: Path | None = None, extra_yamls: list[Path] | None = None) -> Config:
+    """Resolve the layered configuration of one (model, dataset) pair.  ``extra_yamls`` (``--config``)
+    are layered after the model yaml, in order, like it (own keys, ``dataset_overrides``, ``grid``)."""
     cdir = Path(config_dir) if config_dir else CONFIG_DIR
     values: dict[str, Any] = {}
     declared: dict[str, tuple[Any, str]] = {}  # key -> (default in the first layer that defines it, file)
@@ -188,8 +189,13 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
     hyper: list[str] = []
     layers = [cdir / "overall.yaml", cdir / "dataset" / f"{dataset}.yaml"]
     layers.append(Path(model_yaml) if model_yaml else cdir / "model" / f"{model}.yaml")
+    extras = [Path(p) for p in extra_yamls or []]
+    for path in extras:
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
     model_grid: dict[str, list] = {}
-    for path in layers:
+    for path in layers + extras:
+        model_like = path.parent.name == "model" or path in extras
         if not path.exists():
             if path.parent.name == "dataset":
                 continue  # a dataset without a yaml uses MMRec's default field names
@@ -199,13 +205,13 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
         data = _read_yaml(path)
         hyper = _merge_hyper(hyper, data.pop("hyper_parameters", []))
         per_dataset = data.pop("dataset_overrides", None) or {}
-        if path.parent.name == "model":
-            model_grid = data.pop("grid", None) or {}
+        if model_like:
+            model_grid = {**model_grid, **(data.pop("grid", None) or {})}
         for key, value in data.items():
             declared.setdefault(key, (value, str(path)))
             source[key] = str(path)
         values.update(data)
-        if path.parent.name == "model" and dataset in per_dataset:
+        if model_like and dataset in per_dataset:
             block = per_dataset[dataset] or {}
             unknown = [k for k in block if k not in values and k != "grid"]
             if unknown:

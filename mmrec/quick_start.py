@@ -177,7 +177,7 @@ def resumed_config(out: Path, model: str | None = None, dataset: str | None = No
 
 def run(model: str | None, dataset: str | None, overrides: dict | list | None = None,
         out_dir: Path | str | None = None, grid: bool = False, resume: bool = False, quiet: bool = False,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, extra_yamls: list[Path] | None = None) -> dict:
     """Train ``model`` on ``dataset`` (walking the grid when one is active); returns result.json's dict.
     ``resume``: continue the run in ``out_dir`` with its saved configuration (model and dataset may be
     None; only RESUME_KEYS may be overridden, e.g. more ``epochs`` to extend a finished run)."""
@@ -191,7 +191,7 @@ def run(model: str | None, dataset: str | None, overrides: dict | list | None = 
         if ":" in model:
             model_yaml = ROOT / "configs" / "model" / f"{name}.yaml"
         config = load_config(model if ":" in model else name, dataset, overrides, grid=grid,
-                             model_yaml=model_yaml)
+                             model_yaml=model_yaml, extra_yamls=extra_yamls)
         config["model"] = model if ":" in model else name
         out = Path(out_dir) if out_dir else default_out_dir(name, dataset)
         claim_out_dir(out, resume, overwrite)
@@ -264,7 +264,8 @@ def run_grid(config: Config, out: Path, resume: bool = False) -> dict:
 
 
 def compare(models: list[str], dataset: str, seeds: list[int] | None = None, splits: int = 0,
-            overrides: list | None = None, out_dir: Path | None = None, overwrite: bool = False) -> dict:
+            overrides: list | None = None, out_dir: Path | None = None, overwrite: bool = False,
+            extra_yamls: list[Path] | None = None) -> dict:
     """Train each model under identical splits and seeds; mean and spread of the test metrics, and a
     paired comparison per user is possible from the saved per-run results."""
     out = Path(out_dir) if out_dir else default_out_dir("compare", dataset)
@@ -280,7 +281,7 @@ def compare(models: list[str], dataset: str, seeds: list[int] | None = None, spl
         for extra, tag in plan:
             sets = list(overrides or []) + [f"{k}={v}" for k, v in extra.items()]
             sub = out / f"{canonical_name(model)}-{tag}"
-            res = run(model, dataset, sets, sub)
+            res = run(model, dataset, sets, sub, extra_yamls=extra_yamls)
             setup_logging(out)
             runs.append({"model": canonical_name(model), "tag": tag, "valid": res["valid"], "test": res["test"],
                          "best_epoch": res["best_epoch"], "seconds_per_epoch": res["seconds_per_epoch"]})

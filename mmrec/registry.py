@@ -1,11 +1,15 @@
 """Model name -> class.  Models are found in ``models/`` by class name (case-insensitive, any file), or
-given as ``package.module:ClassName`` to run a researcher's own GeneralRecommender from anywhere."""
+given as ``package.module:ClassName`` or ``path/to/file.py:ClassName`` to run a researcher's own
+GeneralRecommender from anywhere (its keys in a ``--config`` yaml)."""
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import pkgutil
+import sys
+from pathlib import Path
 
 from mmrec.recommender import AbstractRecommender
 
@@ -35,13 +39,30 @@ def available_models() -> dict[str, type]:
     return found
 
 
+def _import_own(module_name: str, name: str):
+    """``package.module`` from sys.path, or ``path/to/file.py`` from the file system."""
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser().resolve()
+        if not path.is_file():
+            raise RegistryError(f"model {name!r}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        raise RegistryError(f"cannot import {module_name!r} for model {name!r}: {err}. Python looks in "
+                            f"{', '.join(p or '.' for p in sys.path[:4])}, ...: run from the folder that holds "
+                            f"the package, add it to PYTHONPATH, or pass the file: -m path/to/{module_name.split('.')[-1]}.py:"
+                            f"{name.split(':', 1)[1]}") from err
+
+
 def get_model(name: str) -> type:
     if ":" in name:
         module_name, cls_name = name.split(":", 1)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise RegistryError(f"cannot import {module_name!r} for model {name!r}: {err}") from err
+        module = _import_own(module_name, name)
         cls = getattr(module, cls_name, None)
         if cls is None or not (inspect.isclass(cls) and issubclass(cls, AbstractRecommender)):
             raise RegistryError(f"{name!r}: {module_name} has no GeneralRecommender subclass {cls_name!r}")

@@ -98,3 +98,20 @@ def test_a_models_own_key_check_is_one_line_with_exit_2(tmp_path):
     res = _main("-m", "MAGNET", "-d", "mini", "--set", "K=20", "--set", "num_threads=1",
                 "--set", f"cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "run"))
     assert res.returncode == 2 and "K=20 must lie in 1..E" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_own_model_from_a_file_with_its_own_config_yaml(tmp_path):
+    """docs/models.md's example: a model outside models/, its own keys in a --config yaml."""
+    import json
+
+    out = tmp_path / "toy"
+    res = _main("-m", "docs/examples/toy_mf.py:ToyMF", "-d", "mini", "--config", "docs/examples/toy_mf.yaml",
+                "--set", "epochs=1", "--set", "num_threads=1", "--set", f"cache_dir={tmp_path / 'cache'}",
+                "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["model"] == "ToyMF" and result["config"]["toy_reg"] == 1e-4
+    assert result["config"]["stopping_step"] == 10 and result["config"]["embedding_size"] == 32
+    assert "user_norm" in result["history"][0]
+    missing = _main("-m", "nosuchpkg.mod:Model", "-d", "mini")
+    assert missing.returncode == 2 and "PYTHONPATH" in missing.stderr and "Traceback" not in missing.stderr
