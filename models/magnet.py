@@ -15,14 +15,13 @@ Training (Alg. 2): pi_bar = batch mean of pi over positives, H~ = H(pi_bar) / lo
     L = L_BPR + l_ctr L_ctr + l_cov(H~) L_cov + l_conf(H~) L_conf (+ Adam weight decay)         (Eqs. 27-32)
     L_cov = sum_e (pi_bar_e - 1/E)^2,  L_conf = mean H(pi_ui),  Lin-Ent: l_cov = 1[s=1] l_r (1 - H~),
     l_conf = 1[s=2] l_r H~.
-Measured additions to MAGNET.md (docs/magnet.md): ``cue_input`` (l2-normalised features into f_m on
-mini; raw on the Amazon sets, as specified), ``cue_centering`` (catalogue-centred features into a
-bias-free f_m, so the cues are not one shared vector; top level only), ``expert_init`` (hadamard
-W_e = I + 0.1 x default init) and
-the training recipe of the top-level (mini) defaults: ``weight_decay_on``, per-group learning-rate
-factors (``embedding_lr_scale``, ``head_lr_scale``, ``cue_lr_scale``, applied by the trainer through
-``self.lr_scale``), ``router_grad: detach`` and the load-based switch signal.  The Amazon blocks of the
-yaml keep MAGNET.md's training decisions.
+Measured additions to MAGNET.md (docs/magnet.md, "Decisions"), one set for every dataset (the Amazon
+blocks of the yaml add only Table 3's values): ``cue_input`` (l2-normalised features into f_m),
+``cue_centering`` (catalogue-centred features into a bias-free f_m, so the cues are not one shared
+vector), ``expert_init`` (hadamard W_e = I + 0.1 x default init), ``weight_decay_on``, per-group
+learning-rate factors (``embedding_lr_scale``, ``head_lr_scale``, ``cue_lr_scale``, applied by the trainer
+through ``self.lr_scale``), ``router_grad: detach`` and the load-based switch signal; measured and off by
+default: ``cue_init: pca``, ``modality_scale`` (rms / learned), ``embedding_reg``, ``user_cue_target``.
 """
 from __future__ import annotations
 
