@@ -103,6 +103,7 @@ def test_train_batches_reproducible_and_cover_all_interactions(tmp_path):
     ("feature_rows", "rows but the interaction file has"),
     ("nan_feature", "NaN or infinite"),
     ("duplicate", "duplicate (user, item) rows"),
+    ("empty", "is empty: expected a header line"),
 ])
 def test_bad_input_errors_name_file_and_problem(tmp_path, case, fragment):
     d = tmp_path / "toy"
@@ -123,6 +124,8 @@ def test_bad_input_errors_name_file_and_problem(tmp_path, case, fragment):
         v[1, 2] = np.nan
     elif case == "duplicate":
         rows.append("0\t0\t5\t2\t0")
+    elif case == "empty":
+        header, rows = "", []
     (d / "toy.inter").write_text(header + "\n" + "\n".join(rows) + "\n")
     np.save(d / "image_feat.npy", v)
     np.save(d / "text_feat.npy", np.ones((3, 2), np.float32))

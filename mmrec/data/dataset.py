@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from mmrec.cache import ArtifactCache
+from mmrec.config import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +127,21 @@ class RecDataset:
         cfg = self.config
         sep = cfg.get("field_separator", "\t")
         with open(path) as fh:
-            header = fh.readline().rstrip("\n").split(sep)
+            first = fh.readline()
+        if not first.strip():
+            raise DataError(f"{path} is empty: expected a header line (userID, itemID, x_label, ... separated by "
+                            f"field_separator) and one row per interaction")
+        header = first.rstrip("\n").split(sep)
         need = [cfg["USER_ID_FIELD"], cfg["ITEM_ID_FIELD"]]
         if cfg.get("split", "x_label") == "x_label":
             need.append(cfg["inter_splitting_label"])
         missing = [c for c in need if c not in header]
         if missing:
+            where = (f"configs/dataset/{self.name}.yaml" if (CONFIG_DIR / "dataset" / f"{self.name}.yaml").exists()
+                     else f"a new configs/dataset/{self.name}.yaml or with --set")
             raise DataError(f"{path}: missing column {missing[0]!r} (header has {header}); "
                             f"fix the header or set USER_ID_FIELD / ITEM_ID_FIELD / inter_splitting_label "
-                            f"in configs/dataset/{self.name}.yaml")
+                            f"in {where}")
         cols = [header.index(c) for c in need]
         try:
             raw = np.loadtxt(path, delimiter=sep, skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
