@@ -92,11 +92,16 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
     if int(config["num_threads"]) > 0:
         torch.set_num_threads(int(config["num_threads"]))
     (out_dir / "config.yaml").write_text(yaml.safe_dump(_jsonable(config.to_dict()), sort_keys=True))
+    model_cls = get_model(config["model"])
+    if getattr(model_cls, "needs_both_modalities", False):
+        for key in ("vision_feature_file", "text_feature_file"):
+            if not config.get(key):
+                raise ConfigError(f"{key}={config.get(key)!r}: {model_cls.__name__} needs both image and text "
+                                  f"features; name the .npy file (the dataset yaml's or --set {key}=FILE)")
     if dataset is None:
         dataset = RecDataset(config)
     log.info(dataset.summary())
     init_seed(int(config["seed"]))
-    model_cls = get_model(config["model"])
     t_build = time.perf_counter()
     try:
         model = model_cls(config, dataset).to(config["device"])

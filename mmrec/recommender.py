@@ -86,6 +86,9 @@ class GeneralRecommender(AbstractRecommender):
     features sets ``uses_features = False``: the dataset then neither requires nor loads feature files."""
 
     uses_features = True
+    #: True in a model that needs both image and text features: a null feature-file key is then a
+    #: configuration error before any data is loaded (``require_both_modalities`` checks the loaded data)
+    needs_both_modalities = False
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

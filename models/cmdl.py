@@ -93,6 +93,7 @@ def club_learning_loss(critic: PairCritic, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 class CMDL(GeneralRecommender):
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
     reset_optimizer_each_epoch = True  # the reference's trainer builds fresh AdamW optimisers every epoch
 
     def __init__(self, config, dataset):

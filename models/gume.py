@@ -91,6 +91,8 @@ def knn_intersection_edges(image_idx: np.ndarray, text_idx: np.ndarray, group: i
 
 
 class GUME(GeneralRecommender):
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.require_both_modalities()

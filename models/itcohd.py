@@ -105,6 +105,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 class ITCoHDMRec(GeneralRecommender):
     """ITCoHD-MRec, reconstructed (no code or paper text available; see the module docstring)."""
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

@@ -240,6 +240,7 @@ class Router(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 class MAGNET(GeneralRecommender):
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: elements of one [users x items x experts (x hidden)] scoring block in full ranking
     score_block_budget = 1 << 22
 

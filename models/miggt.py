@@ -112,6 +112,7 @@ class SampledGlobalAttention(nn.Module):
 
 
 class MIGGT(GeneralRecommender):
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: the global sampling runs at evaluation too, so the harness must not cache across passes
     deterministic_eval = False
 

@@ -64,6 +64,8 @@ class DimensionPreference(nn.Module):
 
 
 class SMORE(GeneralRecommender):
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.require_both_modalities()

@@ -196,6 +196,8 @@ def second_order_graphs(users: np.ndarray, items: np.ndarray, weights: np.ndarra
 
 
 class SOIL(GeneralRecommender):
+    needs_both_modalities = True  # image and text features, checked before any data is loaded
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.require_both_modalities()

@@ -115,3 +115,9 @@ def test_own_model_from_a_file_with_its_own_config_yaml(tmp_path):
     assert "user_norm" in result["history"][0]
     missing = _main("-m", "nosuchpkg.mod:Model", "-d", "mini")
     assert missing.returncode == 2 and "PYTHONPATH" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_content_model_without_a_feature_file_stops_before_loading(tmp_path):
+    res = _main("-m", "MAGNET", "-d", "mini", "--set", "vision_feature_file=null", "--out", str(tmp_path / "run"))
+    assert res.returncode == 2 and "vision_feature_file=None: MAGNET needs both" in res.stderr
+    assert "Traceback" not in res.stderr and "users" not in res.stderr  # nothing was loaded
