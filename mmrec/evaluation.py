@@ -17,7 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-METRICS = ("recall", "ndcg", "precision", "map")
+from mmrec.config import METRIC_NAMES
+
+METRICS = METRIC_NAMES  # one list, declared with the configuration checks
 
 
 def topk_metrics(hits: torch.Tensor, n_pos: torch.Tensor, ks: list[int],

@@ -25,6 +25,7 @@ import yaml
 
 from mmrec.config import ROOT, Config, ConfigError, grid_points, grid_size, load_config, parse_set
 from mmrec.data import RecDataset
+from mmrec.data.dataset import MODALITIES
 from mmrec.registry import canonical_name, get_model
 from mmrec.trainer import Trainer, init_seed
 
@@ -85,16 +86,21 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def save_config(config: Config, folder: Path) -> None:
+    """``folder/config.yaml``: what ``--resume`` continues with."""
+    (folder / "config.yaml").write_text(yaml.safe_dump(_jsonable(config.to_dict()), sort_keys=True))
+
+
 def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, resume: bool = False) -> dict:
     """Train and evaluate one configuration (no grid) into ``out_dir``; returns the result dict."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config["device"] = resolve_device(config)
     if int(config["num_threads"]) > 0:
         torch.set_num_threads(int(config["num_threads"]))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(_jsonable(config.to_dict()), sort_keys=True))
+    save_config(config, out_dir)
     model_cls = get_model(config["model"])
     if getattr(model_cls, "needs_both_modalities", False):
-        for key in ("vision_feature_file", "text_feature_file"):
+        for key in MODALITIES.values():
             if not config.get(key):
                 raise ConfigError(f"{key}={config.get(key)!r}: {model_cls.__name__} needs both image and text "
                                   f"features; name the .npy file (the dataset yaml's or --set {key}=FILE)")
@@ -143,7 +149,8 @@ def _holds_run(folder: Path) -> bool:
 def claim_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds another run (unless resuming it, or ``overwrite``: then its run
     files and the run folders inside it, e.g. grid points, are removed first)."""
-    if resume or not _holds_run(out) and not (out.is_dir() and any(_holds_run(c) for c in out.iterdir())):
+    holds = _holds_run(out) or out.is_dir() and any(_holds_run(child) for child in out.iterdir())
+    if resume or not holds:
         return
     if not overwrite:
         raise ConfigError(f"--out {out} holds another run; continue it with --resume {out}, replace it with "
@@ -203,7 +210,7 @@ def run(model: str | None, dataset: str | None, overrides: dict | list | None = 
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet)
     if grid_size(config) > 1:  # the grid's own configuration, for --resume
-        (out / "config.yaml").write_text(yaml.safe_dump(_jsonable(config.to_dict()), sort_keys=True))
+        save_config(config, out)
     try:
         if grid_size(config) == 1:
             for _, cfg in grid_points(config):

@@ -86,8 +86,8 @@ class GeneralRecommender(AbstractRecommender):
     features sets ``uses_features = False``: the dataset then neither requires nor loads feature files."""
 
     uses_features = True
-    #: True in a model that needs both image and text features: a null feature-file key is then a
-    #: configuration error before any data is loaded (``require_both_modalities`` checks the loaded data)
+    #: True in a model that needs both image and text features: a null feature-file key is a configuration
+    #: error before any data is loaded, and ``__init__`` checks that the loaded dataset has both
     needs_both_modalities = False
 
     def __init__(self, config, dataset):
@@ -97,6 +97,8 @@ class GeneralRecommender(AbstractRecommender):
         self.v_feat = torch.from_numpy(np.asarray(feats["v"])).to(self.device) if "v" in feats else None
         self.t_feat = torch.from_numpy(np.asarray(feats["t"])).to(self.device) if "t" in feats else None
         self.embedding_size = int(config.get("embedding_size", 64))
+        if self.needs_both_modalities:
+            self.require_both_modalities()
 
     def require_both_modalities(self) -> None:
         """For models that use image and text features: fail before training when one is missing."""

@@ -45,6 +45,9 @@ def _import_own(module_name: str, name: str):
         path = Path(module_name).expanduser().resolve()
         if not path.is_file():
             raise RegistryError(f"model {name!r}: no such file {path}")
+        loaded = sys.modules.get(path.stem)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            return loaded  # imported once: every later lookup gets the same class
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module

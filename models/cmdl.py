@@ -109,7 +109,6 @@ class CMDL(GeneralRecommender):
         self.critic_lr = float(config["learning_rate"])
         self.critic_weight_decay = float(config["critic_weight_decay"])
         self.mi_index_quirk = bool(config["mi_index_quirk"])
-        self.require_both_modalities()
 
         self.user_embedding = nn.Embedding(self.n_users, d)
         self.item_embedding = nn.Embedding(self.n_items, d)

@@ -124,7 +124,6 @@ class ITCoHDMRec(GeneralRecommender):
         self.cl_temperature = float(config["cl_temperature"])
         self.batch_size = int(config["train_batch_size"])
         self.steps = int(config["diff_steps"])
-        self.require_both_modalities()
 
         self.user_embedding = nn.Embedding(self.n_users, d)
         self.item_embedding = nn.Embedding(self.n_items, d)

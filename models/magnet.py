@@ -252,7 +252,6 @@ class MAGNET(GeneralRecommender):
         self.view = str(cfg["view"]).upper()
         if self.view not in ("DV", "SV"):
             raise ValueError(f"view must be DV or SV, got {cfg['view']!r}")
-        self.require_both_modalities()
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
         self.fanout_resample_steps = int(cfg["fanout_resample_steps"])
@@ -538,11 +537,9 @@ class MAGNET(GeneralRecommender):
         out["z_router"] = z.detach() if self.router_grad == "detach" else z
         r_user = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
         r_item = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
-        if self.modality_scale == "rms":
-            factor = self.modality_factors(torch.cat([r_user, r_item]))
-            r_user, r_item = r_user * factor, r_item * factor
-        elif self.modality_scale == "learned":
-            factor = torch.cat([self.cue_log_gain.new_zeros(1), self.cue_log_gain]).exp().view(1, 3, 1)
+        if self.modality_scale != "none":
+            factor = (self.modality_factors(torch.cat([r_user, r_item])) if self.modality_scale == "rms"
+                      else torch.cat([self.cue_log_gain.new_zeros(1), self.cue_log_gain]).exp().view(1, 3, 1))
             r_user, r_item = r_user * factor, r_item * factor
         out["r_user"], out["r_item"] = r_user, r_item
         return out

@@ -76,7 +76,6 @@ class MENTOR(GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.require_both_modalities()
         d = self.embedding_size
         self.n_mm_layers = int(config["n_mm_layers"])
         self.reg_weight = float(config["reg_weight"])

@@ -127,7 +127,6 @@ class MIGGT(GeneralRecommender):
         self.own_negatives = bool(config["own_negatives"])
         self.eval_mask_other_split = bool(config["eval_mask_other_split"])
         self.seed = int(config["seed"])
-        self.require_both_modalities()
 
         # user ID table ~ N(0, 1/d); items have no ID embedding (use_item_emb = False)
         self.user_embedding = nn.Parameter(torch.randn(self.n_users, d) / math.sqrt(d))

@@ -200,7 +200,6 @@ class SOIL(GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.require_both_modalities()
         d = self.embedding_size
         self.n_layers = int(config["n_layers"])
         self.n_ui_layers = int(config["n_ui_layers"])

@@ -121,3 +121,11 @@ def test_a_content_model_without_a_feature_file_stops_before_loading(tmp_path):
     res = _main("-m", "MAGNET", "-d", "mini", "--set", "vision_feature_file=null", "--out", str(tmp_path / "run"))
     assert res.returncode == 2 and "vision_feature_file=None: MAGNET needs both" in res.stderr
     assert "Traceback" not in res.stderr and "users" not in res.stderr  # nothing was loaded
+
+
+def test_a_model_file_is_imported_once():
+    """The trainer and the dataset both look the model up: they must get the same class."""
+    from mmrec.registry import get_model
+
+    first = get_model("docs/examples/toy_mf.py:ToyMF")
+    assert get_model("docs/examples/toy_mf.py:ToyMF") is first
