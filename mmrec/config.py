@@ -55,8 +55,9 @@ def _suggest(key: str, known) -> str:
 class Config:
     """A strict mapping: reading a key that no layer defines is an error with a suggestion."""
 
-    def __init__(self, values: dict[str, Any]):
+    def __init__(self, values: dict[str, Any], sources: dict[str, str] | None = None):
         self._values = dict(values)
+        self.sources = dict(sources or {})  # key -> where its value came from (a yaml file or --set)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._values:
@@ -77,7 +78,7 @@ class Config:
         return copy.deepcopy(self._values)
 
     def copy(self) -> "Config":
-        return Config(copy.deepcopy(self._values))
+        return Config(copy.deepcopy(self._values), self.sources)
 
     def __repr__(self) -> str:
         return f"Config({self._values!r})"
@@ -153,13 +154,45 @@ def _check_value(key: str, value, default, where: str) -> Any:
         fail(_type_name(default))
     elif isinstance(default, list) and not isinstance(value, list):
         fail(_type_name(default))
-    rule = RANGES.get(key)
-    if rule:
-        op, bound = rule
-        ok = value in bound if op == "in" else value >= bound if op == ">=" else value > bound
-        if not ok:
-            fail(f"one of {', '.join(bound)}" if op == "in" else f"{_type_name(default)} {op} {bound}")
+    if key in RANGES:
+        check_rule(key, value, RANGES[key], where)
     return value
+
+
+def check_rule(key: str, value, rule: tuple[str, Any], where: str) -> None:
+    """One declared rule: ("in", choices) | ("subset", choices) for a list | (">=", n) | (">", n) |
+    ("between", (lo, hi)), both ends included.  A miss is a ConfigError naming key, value, rule and source."""
+    op, bound = rule
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if op == "in":
+        ok, expected = value in bound, f"one of {', '.join(map(str, bound))}"
+    elif op == "subset":
+        ok = isinstance(value, list) and bool(value) and all(v in bound for v in value)
+        expected = f"a non-empty list drawn from {', '.join(map(str, bound))}"
+    elif op == "between":
+        ok, expected = number and bound[0] <= value <= bound[1], f"a number in [{bound[0]}, {bound[1]}]"
+    elif op in (">=", ">"):
+        ok = number and (value >= bound if op == ">=" else value > bound)
+        expected = f"{'an integer' if isinstance(bound, int) and isinstance(value, int) else 'a number'} {op} {bound}"
+    else:
+        raise ValueError(f"unknown rule {rule!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{key}={value!r} ({where}): expected {expected}")
+
+
+def check_declared(config, schema: dict[str, tuple[str, Any]], owner: str) -> None:
+    """A model's declared allowed values (``config_schema``) on a resolved configuration; a grid key's
+    every value is checked.  Keys the configuration does not hold, and null values, are skipped."""
+    grid_keys = set(config.get("hyper_parameters") or [])
+    sources = getattr(config, "sources", {})
+    for key, rule in schema.items():
+        if key not in config:
+            continue
+        value = config[key]
+        where = sources.get(key, f"{owner}'s configuration")
+        for v in value if key in grid_keys and isinstance(value, list) else [value]:
+            if v is not None:  # null switches an optional setting off
+                check_rule(key, v, rule, where)
 
 
 def _check_protocol(values: dict, source: dict) -> None:
@@ -263,7 +296,7 @@ def load_config(model: str, dataset: str, overrides: list[str] | dict[str, Any] 
         else:
             values[key] = _check_value(key, value, default, where)
     _check_protocol(values, source)
-    return Config(values)
+    return Config(values, source)
 
 
 def grid_points(config: Config) -> Iterator[tuple[dict[str, Any], Config]]:

@@ -27,14 +27,40 @@ import torch
 from torch import nn
 
 from mmrec import graph
+from mmrec.config import ConfigError, check_declared, grid_points
 
 
 class AbstractRecommender(nn.Module):
     #: set False in a model whose forward is stochastic at evaluation (then nothing is cached)
     deterministic_eval: bool = True
+    #: allowed values of the model's own keys, declared once: key -> ("in", choices) | ("subset", choices)
+    #: | (">=", n) | (">", n) | ("between", (lo, hi)).  Checked with the resolved configuration before any
+    #: data is loaded (and again when the model is built), so a bad value is one line naming its source.
+    config_schema: dict[str, tuple[str, Any]] = {}
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Rules across keys (e.g. MAGNET's K <= E); raise ValueError saying what to change.  Called for
+        every grid point before any data is loaded."""
+        return None
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """``config_schema`` and ``check_config`` on one configuration (every point of a grid)."""
+        check_declared(config, cls.config_schema, cls.__name__)
+        points = grid_points(config) if hasattr(config, "sources") else [({}, config)]
+        for point, cfg in points:
+            try:
+                cls.check_config(cfg)
+            except ConfigError:
+                raise
+            except ValueError as err:
+                at = f" (grid point {point})" if point else ""
+                raise ConfigError(f"{cls.__name__}: {err}{at}") from None
 
     def __init__(self, config, dataset):
         super().__init__()
+        type(self).validate_config(config)
         self.config = config
         self.dataset = dataset
         self.n_users: int = dataset.n_users

@@ -61,6 +61,9 @@ def sym_normalize_edges(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tens
 
 
 class LATTICE(GeneralRecommender):
+    config_schema = {"cf_model": ("in", ("lightgcn",)), "knn_k": (">=", 1), "lambda_coeff": ("between", (0, 1)),
+                     "max_dense_items": (">=", 1)}
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         limit = config["max_dense_items"]
@@ -71,8 +74,6 @@ class LATTICE(GeneralRecommender):
                 "exists at this size (Electronics is '-' in MMRec, GUME and MAGNET). Our sparse top-k "
                 "implementation can run it: pass --set max_dense_items=null (a labelled extension, "
                 "not a reproduction).")
-        if config["cf_model"] != "lightgcn":
-            raise ValueError(f"LATTICE: cf_model {config['cf_model']!r} is not implemented; use lightgcn")
         if self.v_feat is None and self.t_feat is None:
             raise ValueError("LATTICE needs image or text features; the dataset provides neither")
         d = self.embedding_size

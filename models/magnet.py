@@ -35,7 +35,7 @@ from torch import nn
 from mmrec import graph, native
 from mmrec.losses import bpr_loss, half_sq, info_nce_both_ways
 from mmrec.recommender import GeneralRecommender
-from models.magnet_graph import augmented_matrix, cached_induced_edges, sample_fanout, template_pool
+from models.magnet_graph import FAMILIES, augmented_matrix, cached_induced_edges, sample_fanout, template_pool
 
 log = logging.getLogger("mmrec." + __name__)
 
@@ -243,21 +243,47 @@ class MAGNET(GeneralRecommender):
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: elements of one [users x items x experts (x hidden)] scoring block in full ranking
     score_block_budget = 1 << 22
+    #: every key's allowed values, in one place (checked before any data is loaded; docs/magnet.md)
+    config_schema = {
+        "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
+        "candidate_score": ("in", ("pool_dense", "topk_sparse")), "induced_edge_weight": ("in", ("binary", "score")),
+        "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
+        "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
+        "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
+        "templates": ("in", ("fixed", "free")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
+        "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
+        "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
+        "expert_head": ("in", ExpertHeads.KINDS), "expert_init": ("in", ("default", "identity")),
+        "router": ("in", ("linear", "mlp")), "router_grad": ("in", ("full", "detach")), "K": (">=", 1),
+        "dropout": ("between", (0, 0.99)),
+        "routing_schedule": ("in", SCHEDULES), "stage_weights": ("in", STAGE_WEIGHTS),
+        "entropy_threshold": (">=", 0), "trigger_window": (">=", 1), "lambda_r": (">=", 0),
+        "switch_signal": ("in", ("dense", "topk_load")), "entropy_smoothing": ("in", ("none", "window", "ema")),
+        "smoothing_steps": (">=", 1), "switch_unit": ("in", ("step", "epoch")), "stage1_min_steps": (">=", 0),
+        "fixed_switch_epoch": (">=", 0), "lambda_ctr": (">=", 0), "tau": (">", 0), "embedding_reg": (">=", 0),
+        "weight_decay_on": ("in", ("all", "non_embedding")),
+        "embedding_lr_scale": (">=", 0), "head_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0),
+    }
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """K experts are routed out of E = 3 |families| p (Sec. 4.8): K <= E."""
+        if config["moe"]:
+            n_experts = 3 * len(config["families"]) * int(config["expert_replicas"])
+            if int(config["K"]) > n_experts:
+                raise ValueError(f"K={config['K']} must lie in 1..E, but the expert pool has E={n_experts} experts "
+                                 f"(families={list(config['families'])}, expert_replicas={config['expert_replicas']});"
+                                 f" lower K or add families/replicas")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         cfg = config
         d = self.embedding_size
         self.n_layers = int(cfg["n_layers"])
-        self.view = str(cfg["view"]).upper()
-        if self.view not in ("DV", "SV"):
-            raise ValueError(f"view must be DV or SV, got {cfg['view']!r}")
+        self.view = str(cfg["view"])
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
         self.fanout_resample_steps = int(cfg["fanout_resample_steps"])
-        if self.fanout < 0 or self.fanout_resample_steps < 0:
-            raise ValueError(f"fanout ({self.fanout}) and fanout_resample_steps ({self.fanout_resample_steps}) "
-                             "must be >= 0 (fanout 0 = full-graph propagation; resample 0 = once per epoch)")
         self.seed = int(cfg["seed"])
         self.lambda_ctr = float(cfg["lambda_ctr"])
         # Eq. 32's lambda ||Theta||^2 on the ID rows of the batch (MMRec's reading for ID tables; the coupled
@@ -266,31 +292,21 @@ class MAGNET(GeneralRecommender):
         self.tau = float(cfg["tau"])
         self.lambda_r = float(cfg["lambda_r"])
         self.schedule = str(cfg["routing_schedule"])
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown routing_schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         self.stage_weights = str(cfg["stage_weights"])
-        stage_weight_factors(0.5, self.stage_weights)  # validates the name
         self.h_star = float(cfg["entropy_threshold"])
         self.window = int(cfg["trigger_window"])
         self.switch_signal = str(cfg["switch_signal"])
         self.smoothing = str(cfg["entropy_smoothing"])
-        self.smoothing_steps = max(1, int(cfg["smoothing_steps"]))
+        self.smoothing_steps = int(cfg["smoothing_steps"])
         self.switch_unit = str(cfg["switch_unit"])
         self.stage1_min_steps = int(cfg["stage1_min_steps"])
         self.fixed_switch_epoch = int(cfg["fixed_switch_epoch"])
-        for key, value, allowed in (("switch_signal", self.switch_signal, ("dense", "topk_load")),
-                                    ("entropy_smoothing", self.smoothing, ("none", "window", "ema")),
-                                    ("switch_unit", self.switch_unit, ("step", "epoch"))):
-            if value not in allowed:
-                raise ValueError(f"unknown {key} {value!r}; use one of {', '.join(allowed)}")
 
         # shared ID embeddings e^(0) (Xavier-uniform, MMRec's convention)
         self.user_embedding = nn.Embedding(self.n_users, d)
         self.item_embedding = nn.Embedding(self.n_items, d)
         if str(cfg["weight_decay_on"]) == "non_embedding":  # ID tables learn under Adam without the
             self.no_weight_decay = ("user_embedding", "item_embedding")  # decay pulling absent rows to 0
-        elif str(cfg["weight_decay_on"]) != "all":
-            raise ValueError(f"weight_decay_on must be all or non_embedding, got {cfg['weight_decay_on']!r}")
         # per-group learning-rate factors (docs/magnet.md): the ID path enters every expert scaled by its
         # template weight w^B (Eq. 10), so under Adam it learns w^B-times slower than LightGCN's dot product
         self.lr_scale = {prefix: float(cfg[key]) for key, prefixes in (
@@ -303,10 +319,11 @@ class MAGNET(GeneralRecommender):
 
         # modality cues (Eqs. 7-8): f_m linear; user cue = row-normalised R_train times H^m
         self.cue_input = str(cfg["cue_input"])
-        if self.cue_input not in ("raw", "l2"):
-            raise ValueError(f"cue_input must be raw or l2, got {self.cue_input!r}")
-        if self.cue_input == "l2":  # row-normalised features into f_m (raw features keep their scale)
+        if self.cue_input in ("l2", "knn"):  # row-normalised features into f_m (raw features keep their scale)
             self.v_feat, self.t_feat = graph.l2_normalize_rows(self.v_feat), graph.l2_normalize_rows(self.t_feat)
+        if self.cue_input == "knn":  # each item's features averaged with its Eq. 1 neighbours N^m(i)
+            self.v_feat = self._neighbourhood_mean(self.v_feat, "v", int(cfg["knn_k"]))
+            self.t_feat = self._neighbourhood_mean(self.t_feat, "t", int(cfg["knn_k"]))
         # cue_centering: f_m sees features minus the catalogue mean and has no bias, i.e. the cues are
         # centred (item mean of h^m = 0): without it f_m learns the shared mean direction and every cue is
         # nearly one constant vector (issue #11's review; docs/magnet.md)
@@ -320,24 +337,18 @@ class MAGNET(GeneralRecommender):
         if self.cue_init == "pca":  # f_m starts as the projection on the top-d principal directions of its input
             for proj, feats in ((self.proj_visual, self.v_feat), (self.proj_text, self.t_feat)):
                 principal_projection_(proj, feats)
-        elif self.cue_init != "default":
-            raise ValueError(f"cue_init must be default or pca, got {self.cue_init!r}")
         coo = self.train_matrix.tocoo()
         deg = np.asarray(self.train_matrix.sum(axis=1)).ravel()
         vals = 1.0 / np.maximum(deg[coo.row], 1.0)
         self.user_history_mean = graph.sparse_from_edges(coo.row, coo.col, vals, (self.n_users, self.n_items),
                                                          self.device)
         self.cue_target = str(cfg["user_cue_target"])
-        if self.cue_target not in ("keep", "exclude"):
-            raise ValueError(f"user_cue_target must be keep or exclude, got {self.cue_target!r}")
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
         # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
         # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
         # learned = a trainable gain exp(s_m) on r^A and r^S (s_m = 0 at the start, normal learning rate):
         # the model chooses how much weight the cue channels carry against z
         self.modality_scale = str(cfg["modality_scale"])
-        if self.modality_scale not in ("none", "rms", "learned"):
-            raise ValueError(f"modality_scale must be none, rms or learned, got {self.modality_scale!r}")
         if self.modality_scale == "learned":
             self.cue_log_gain = nn.Parameter(torch.zeros(2))
 
@@ -350,22 +361,14 @@ class MAGNET(GeneralRecommender):
             weights, self.expert_names = np.full((1, 3), 1.0 / 3.0, dtype=np.float32), ["Mean"]
         self.n_experts = weights.shape[0]
         self.top_k = int(cfg["K"]) if self.use_moe else 1
-        if self.use_moe and not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"K={self.top_k} must lie in 1..E, but the expert pool has E={self.n_experts} "
-                             f"experts (families={list(cfg['families'])}, expert_replicas="
-                             f"{cfg['expert_replicas']}); lower K or add families/replicas")
         self.templates = str(cfg["templates"])
         if self.templates == "fixed" or not self.use_moe:
             self.register_buffer("template_weights", torch.from_numpy(weights))
-        elif self.templates == "free":  # "w/o Templates": each expert learns its own softmax mixture
+        else:  # templates: free ("w/o Templates"): each expert learns its own softmax mixture
             self.template_logits = nn.Parameter(torch.zeros(self.n_experts, 3))
-        else:
-            raise ValueError(f"templates must be fixed or free, got {self.templates!r}")
         self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
         self.router = Router(str(cfg["router"]), d, self.n_experts) if self.use_moe else None
         self.router_grad = str(cfg["router_grad"])
-        if self.router_grad not in ("full", "detach"):
-            raise ValueError(f"router_grad must be full or detach, got {self.router_grad!r}")
         self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
         self._sampled_views: dict = {}
@@ -374,6 +377,18 @@ class MAGNET(GeneralRecommender):
         self.to(self.device)
 
     # -- graphs (Sec. 3.2) ----------------------------------------------------------------------
+    def _neighbourhood_mean(self, feats: torch.Tensor, modality: str, k: int) -> torch.Tensor:
+        """``cue_input: knn``: x~_i = mean of x_j over {i} and i's k cosine neighbours N^m(i) (Eq. 1's lists,
+        the ones E+ is built from), so f_m reads an item's modality neighbourhood rather than its own noisy
+        feature row."""
+        idx, _ = graph.cached_knn(self.dataset, modality, k, include_self=False)
+        n = idx.shape[0]
+        rows = np.repeat(np.arange(n), idx.shape[1] + 1)
+        cols = np.concatenate([np.arange(n)[:, None], idx], axis=1).ravel()
+        mean = graph.sparse_from_edges(rows, cols, np.full(rows.size, 1.0 / (idx.shape[1] + 1), np.float32),
+                                       (n, n), feats.device)
+        return graph.spmm(mean, feats)
+
     def _build_views(self, cfg) -> None:
         self.adj_ui_cpu = graph.to_torch_sparse(graph.norm_adjacency(self.train_matrix, "sym"))
         self.adj_ui = self.adj_ui_cpu.to(self.device)

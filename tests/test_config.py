@@ -100,3 +100,24 @@ def test_values_are_converted_to_their_defaults_type_and_yaml_sources_are_named(
     cdir = _write(tmp_path, "epochs: 10\nseed: 1\n", None, "epochs: 2.5\n")
     with pytest.raises(ConfigError, match=r"epochs=2.5 \(.*M.yaml\): expected an integer"):
         load_config("M", "ds", config_dir=cdir)
+
+
+def test_declared_rules_name_key_value_rule_and_source():
+    from mmrec.config import Config, ConfigError, check_declared, check_rule
+
+    check_rule("k", 3, (">=", 1), "x.yaml")
+    check_rule("p", 0.0, ("between", (0, 1)), "x.yaml")
+    check_rule("fam", ["a"], ("subset", ("a", "b")), "x.yaml")
+    for value, rule, expected in ((0, (">=", 1), "k=0 (x.yaml): expected an integer >= 1"),
+                                  (0.0, (">", 0), "k=0.0 (x.yaml): expected a number > 0"),
+                                  (1.5, ("between", (0, 1)), "k=1.5 (x.yaml): expected a number in [0, 1]"),
+                                  ("c", ("in", ("a", "b")), "k='c' (x.yaml): expected one of a, b"),
+                                  (["c"], ("subset", ("a", "b")), "expected a non-empty list drawn from a, b")):
+        with pytest.raises(ConfigError) as err:
+            check_rule("k", value, rule, "x.yaml")
+        assert expected in str(err.value)
+    # a grid key: every value is checked, and the message names where the value came from
+    cfg = Config({"k": [1, 0], "hyper_parameters": ["k"]}, {"k": "--set"})
+    with pytest.raises(ConfigError, match=r"k=0 \(--set\)"):
+        check_declared(cfg, {"k": (">=", 1)}, "M")
+    check_declared(Config({"other": 1}), {"k": (">=", 1)}, "M")  # an undeclared key is skipped

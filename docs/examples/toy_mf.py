@@ -11,6 +11,7 @@ from mmrec.recommender import GeneralRecommender
 
 class ToyMF(GeneralRecommender):
     uses_features = False  # ID-only: no feature files needed
+    config_schema = {"toy_reg": (">=", 0)}  # checked before any data is loaded
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)  # n_users, n_items, train_matrix, embedding_size, device
