@@ -4,7 +4,8 @@
     python main.py -m MAGNET -d baby                       # train + evaluate (the default command)
     python main.py train -m LightGCN -d mini --set n_layers=3 --set learning_rate=5e-4
     python main.py grid -m LightGCN -d mini                # walk the model yaml's grid, pick by validation
-    python main.py compare -m BPR,LightGCN,MAGNET -d mini --seeds 999,1,2   (or --splits 5)
+    python main.py compare -m BPR,LightGCN,MAGNET -d mini,mid_synth --seeds 999,1,2   (or --splits 5)
+    python main.py results saved/compare-...              # the table of a comparison or grid, also while it runs
     python main.py show -m FREEDOM -d baby                 # the resolved configuration
     python main.py prepare mini                            # generate a synthetic dataset / check a real one
     python main.py models                                  # list the registered models
@@ -18,14 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-COMMANDS = ("train", "grid", "compare", "show", "prepare", "models")
+COMMANDS = ("train", "grid", "compare", "results", "show", "prepare", "models")
 
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     note = " (not needed with --resume)" if not required else ""
     p.add_argument("-m", "--model", required=required,
                    help="model name (see `models`) or package.module:Class" + note)
-    p.add_argument("-d", "--dataset", required=required, help="dataset folder name under data_path" + note)
+    p.add_argument("-d", "--dataset", required=required,
+                   help="dataset folder name under data_path (compare: comma-separated)" + note)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (value parsed as YAML); repeatable")
     p.add_argument("--gpu", action="store_true", help="use CUDA (same as --set use_gpu=true)")
@@ -33,6 +35,14 @@ def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
     p.add_argument("--config", action="append", default=[], type=Path, metavar="YAML",
                    help="extra yaml layered after the model's (your model's own keys); repeatable")
+
+
+def _parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help="trainings at once on this machine (CPU threads split between them; one GPU each)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="ray: send the trainings to a Ray cluster (pip install 'ray>=2.9')")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="grid search over the model yaml's grid, best by validation")
     _common(p, required=False)
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the grid in DIR with its saved config")
+    _parallel(p)
     p = sub.add_parser("compare", help="several models side by side under identical splits and seeds")
     _common(p)
     p.add_argument("--seeds", default="999", help="comma-separated seeds (default 999)")
-    p.add_argument("--splits", type=int, default=0,
+    p.add_argument("--splits", type=int, default=None,
                    help="use N fresh random 8:1:1 splits with the paper's seeds instead of x_label")
+    p.add_argument("--efficiency", action="store_true",
+                   help="add s/epoch, s/eval, peak memory and t95 per dataset to the table (Table 7)")
+    _parallel(p)
+    p = sub.add_parser("results", help="print the table of a comparison or grid folder (also while it runs)")
+    p.add_argument("folder", type=Path)
     p = sub.add_parser("show", help="print the resolved configuration")
     _common(p)
     p.add_argument("--grid", action="store_true")
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmrec.config import ConfigError, load_config
     from mmrec.data import DataError, RecDataset
-    from mmrec.quick_start import Interrupted
+    from mmrec.quick_start import Interrupted, RunsFailed
     from mmrec.registry import RegistryError, available_models, canonical_name
 
     try:
@@ -102,13 +118,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from mmrec import quick_start
 
+        if args.command == "results":
+            print(quick_start.show_results(args.folder))
+            return 0
+        if getattr(args, "workers", 1) < 1:
+            raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
         if args.command == "compare":
             models = [m.strip() for m in args.model.split(",") if m.strip()]
-            seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-            for m in models:  # fail fast on a bad name or key, before any training
-                load_config(canonical_name(m), args.dataset, sets, extra_yamls=args.config)
-            res = quick_start.compare(models, args.dataset, seeds, args.splits, sets, args.out,
-                                      overwrite=args.overwrite, extra_yamls=args.config)
+            datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+            try:
+                seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+            res = quick_start.compare(models, datasets, seeds, args.splits, sets, args.out, overwrite=args.overwrite,
+                                      extra_yamls=args.config, workers=args.workers, backend=args.backend,
+                                      address=args.address, efficiency=args.efficiency)
         else:
             resume = getattr(args, "resume", None)
             out = resume or args.out
@@ -116,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--resume {resume}: no such run folder")
             res = quick_start.run(args.model, args.dataset, sets, out,
                                   grid=(args.command == "grid" or getattr(args, "grid", False)),
-                                  resume=resume is not None, overwrite=args.overwrite, extra_yamls=args.config)
+                                  resume=resume is not None, overwrite=args.overwrite, extra_yamls=args.config,
+                                  workers=getattr(args, "workers", 1), backend=getattr(args, "backend", "local"),
+                                  address=getattr(args, "address", None))
         print(res["result_path"])
         return 0
     except (ConfigError, DataError, RegistryError) as err:
@@ -128,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(str(err), file=sys.stderr)
         return 130
+    except RunsFailed as err:  # the finished runs are stored and tabled; the message names the failures
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import statistics
 import sys
 import time
 from datetime import datetime
@@ -23,11 +22,15 @@ import numpy as np
 import torch
 import yaml
 
-from mmrec.config import ROOT, Config, ConfigError, grid_points, grid_size, load_config, parse_set
+from mmrec.config import (RANGES, ROOT, Config, ConfigError, check_rule, grid_points, grid_size, load_config,
+                          parse_set)
 from mmrec.data import RecDataset
-from mmrec.data.dataset import MODALITIES
+from mmrec.data.dataset import MODALITIES, check_available
 from mmrec.registry import canonical_name, get_model
-from mmrec.trainer import Trainer, init_seed
+from mmrec.executor import Job, pending_jobs, run_jobs
+from mmrec.results import (STORE_NAME, TABLE_METRICS, ResultStore, compare_table, config_hash, grid_ranking,
+                           run_record, table_json, to_markdown, write_tables)
+from mmrec.trainer import Trainer, init_seed, reset_peak_memory
 
 log = logging.getLogger("mmrec")
 PAPER_SPLIT_SEEDS = [9, 672, 5368, 12784, 2025]
@@ -99,11 +102,7 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
         torch.set_num_threads(int(config["num_threads"]))
     save_config(config, out_dir)
     model_cls = get_model(config["model"])
-    if getattr(model_cls, "needs_both_modalities", False):
-        for key in MODALITIES.values():
-            if not config.get(key):
-                raise ConfigError(f"{key}={config.get(key)!r}: {model_cls.__name__} needs both image and text "
-                                  f"features; name the .npy file (the dataset yaml's or --set {key}=FILE)")
+    reset_peak_memory()
     if dataset is None:
         dataset = RecDataset(config)
     log.info(dataset.summary())
@@ -129,7 +128,7 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
               "train_seconds": fit["train_seconds"], "seconds_per_epoch": fit["seconds_per_epoch"],
               "eval_seconds": fit["eval_seconds"], "eval_seconds_total": fit["eval_seconds_total"],
               "build_seconds": round(build_seconds, 3), "n_parameters": n_params,
-              "model_info": model.extra_results(), "history": fit["history"]}
+              "efficiency": fit["efficiency"], "model_info": model.extra_results(), "history": fit["history"]}
     write_json(out_dir / "result.json", result)
     shown = [k for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")]
     if fit["valid"]:
@@ -183,13 +182,40 @@ def resumed_config(out: Path, model: str | None = None, dataset: str | None = No
         if key not in RESUME_KEYS:
             raise ConfigError(f"--resume {out}: a resumed run keeps its saved configuration; --set {key}=... "
                               f"cannot change it (allowed: {', '.join(RESUME_KEYS)}; start a new run otherwise)")
+        if key in RANGES:
+            check_rule(key, value, RANGES[key], "--set")
         config[key] = value
+    return config
+
+
+def check_model_config(model_cls: type, config: Config) -> None:
+    """Everything about a model's configuration that is known before any data is loaded: its declared
+    allowed values and cross-key rules (every grid point) and the feature files it needs."""
+    model_cls.validate_config(config)
+    if getattr(model_cls, "needs_both_modalities", False):
+        for key in MODALITIES.values():
+            if not config.get(key):
+                raise ConfigError(f"{key}={config.get(key)!r}: {model_cls.__name__} needs both image and text "
+                                  f"features; name the .npy file (the dataset yaml's or --set {key}=FILE)")
+
+
+def resolve_config(model: str, dataset: str, overrides: dict | list | None = None, grid: bool = False,
+                   extra_yamls: list[Path] | None = None) -> Config:
+    """The checked configuration of one (model, dataset) pair: layered yamls, --set, types and ranges,
+    then the model's own rules; every bad value is a ConfigError before any data is loaded."""
+    name = canonical_name(model)
+    model_yaml = ROOT / "configs" / "model" / f"{name}.yaml" if ":" in model else None
+    config = load_config(model if ":" in model else name, dataset, overrides, grid=grid,
+                         model_yaml=model_yaml, extra_yamls=extra_yamls)
+    config["model"] = model if ":" in model else name
+    check_model_config(get_model(model), config)
     return config
 
 
 def run(model: str | None, dataset: str | None, overrides: dict | list | None = None,
         out_dir: Path | str | None = None, grid: bool = False, resume: bool = False, quiet: bool = False,
-        overwrite: bool = False, extra_yamls: list[Path] | None = None) -> dict:
+        overwrite: bool = False, extra_yamls: list[Path] | None = None, workers: int = 1, backend: str = "local",
+        address: str | None = None) -> dict:
     """Train ``model`` on ``dataset`` (walking the grid when one is active); returns result.json's dict.
     ``resume``: continue the run in ``out_dir`` with its saved configuration (model and dataset may be
     None; only RESUME_KEYS may be overridden, e.g. more ``epochs`` to extend a finished run)."""
@@ -198,14 +224,8 @@ def run(model: str | None, dataset: str | None, overrides: dict | list | None = 
         config = resumed_config(out, model, dataset, overrides)
         model, dataset = str(config["model"]), str(config["dataset"])
     else:
-        name = canonical_name(model)
-        model_yaml = None
-        if ":" in model:
-            model_yaml = ROOT / "configs" / "model" / f"{name}.yaml"
-        config = load_config(model if ":" in model else name, dataset, overrides, grid=grid,
-                             model_yaml=model_yaml, extra_yamls=extra_yamls)
-        config["model"] = model if ":" in model else name
-        out = Path(out_dir) if out_dir else default_out_dir(name, dataset)
+        config = resolve_config(model, dataset, overrides, grid, extra_yamls)
+        out = Path(out_dir) if out_dir else default_out_dir(canonical_name(model), dataset)
         claim_out_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet)
@@ -216,7 +236,7 @@ def run(model: str | None, dataset: str | None, overrides: dict | list | None = 
             for _, cfg in grid_points(config):
                 result = train_one(cfg, out, resume=resume)
         else:
-            result = run_grid(config, out, resume)
+            result = run_grid(config, out, resume, workers, backend, address)
     except Exception as err:  # marked, so a half-finished folder is never read as a result
         (out / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
         raise
@@ -233,89 +253,153 @@ class Interrupted(Exception):
     """Ctrl-C during training; the message says where the run is kept and how to resume it."""
 
 
-def run_grid(config: Config, out: Path, resume: bool = False) -> dict:
-    """Walk the grid; pick the best setting by the validation metric (never by test)."""
+class RunsFailed(Exception):
+    """Some runs of a comparison or grid failed; the others are in its results store."""
+
+
+def _progress(out: Path, jobs: list, what: str):
+    """``on_done`` for run_jobs: store the record, log which job ended and how many remain."""
+    store = ResultStore(out)
+    state = {"left": len(jobs), "failed": []}
+
+    def on_done(job: Job, result: dict | None, error: str | None) -> None:
+        setup_logging(out)  # a job run in this process took the log over
+        state["left"] -= 1
+        name = job.label.get("name", job.key)
+        if error:
+            state["failed"].append(f"{name}: {error}")
+            log.error(f"{what} {name} failed ({error}); {state['left']} left, rerun the command to retry it")
+            return
+        store.put(job.key, run_record(result, job.key, job.label))
+        log.info(f"{what} {name} done: test " + "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()
+                                                       if k in TABLE_METRICS) + f"; {state['left']} left")
+    on_done.state = state
+    return on_done
+
+
+def _start_log(jobs: list, stored: set, what: str) -> list:
+    todo = pending_jobs(jobs, stored)
+    log.info(f"{what}: {len(jobs)} runs, {len(jobs) - len(todo)} already in the results store, {len(todo)} to run")
+    for i, job in enumerate(todo, 1):
+        log.info(f"  queued {i}/{len(todo)}: {job.label.get('name', job.key)}")
+    return todo
+
+
+def run_grid(config: Config, out: Path, resume: bool = False, workers: int = 1, backend: str = "local",
+             address: str | None = None) -> dict:
+    """Walk the grid; pick the best setting by the validation metric (never by test).  Every finished
+    point is in the results store; a rerun (or ``--resume``) runs only the points not in it."""
     metric = str(config["valid_metric"]).lower()
     points = list(grid_points(config))
     log.info(f"grid over {config['hyper_parameters']}: {len(points)} settings, selected by valid {metric}")
-    dataset = None
-    rows = []
+    jobs = []
     for idx, (point, cfg) in enumerate(points):
         tag = f"{idx:03d}-" + "-".join(f"{k}={v}" for k, v in point.items())
-        sub = out / "grid" / tag.replace("/", "_")
-        done = sub / "result.json"
-        if resume and done.exists():
-            res = json.loads(done.read_text())
-            log.info(f"[{idx + 1}/{len(points)}] {point}: already done")
-        else:
-            log.info(f"[{idx + 1}/{len(points)}] {point}")
-            if dataset is None:
-                dataset = RecDataset(cfg)
-            res = train_one(cfg, sub, dataset, resume=resume)
-        rows.append({"point": point, "valid": res["valid"], "test": res["test"], "best_epoch": res["best_epoch"],
-                     "epochs_run": res["epochs_run"], "seconds_per_epoch": res["seconds_per_epoch"],
-                     "dir": str(sub)})
+        key = f"{cfg['model']}|{cfg['dataset']}|{config_hash(cfg.to_dict())}"
+        jobs.append(Job(cfg.to_dict(), str(out / "grid" / tag.replace("/", "_")), key,
+                        {"kind": "grid", "model": cfg["model"], "dataset": cfg["dataset"], "point": point,
+                         "tag": tag, "name": f"[{idx + 1}/{len(points)}] {point}"}))
+    store = ResultStore(out)
+    todo = _start_log(jobs, {r["key"] for r in store.records()}, "grid")
+    on_done = _progress(out, jobs, "grid point")
+    run_jobs(todo, on_done, workers, backend, address)
+    by_key = {r["key"]: r for r in store.records()}
+    rows = [{**by_key[j.key], "dir": j.out} for j in jobs if j.key in by_key]
+    if on_done.state["failed"]:
+        raise RunsFailed(f"{len(on_done.state['failed'])} grid point(s) failed (the others are stored; rerun "
+                           f"to retry): " + "; ".join(on_done.state["failed"]))
     scored = [r for r in rows if r["valid"]]
     if not scored:
         raise RuntimeError("no grid setting produced a validation result")
     best = max(scored, key=lambda r: r["valid"][metric])  # first wins ties
     by_test = max(scored, key=lambda r: r["test"][metric])
     log.info(f"grid done: best by valid {metric}: {best['point']}")
-    for r in rows:
-        flag = " <- best (valid)" if r is best else ""
-        log.info(f"  {r['point']}  valid {r['valid'].get(metric, float('nan')):.4f}  "
-                 f"test {r['test'].get(metric, float('nan')):.4f}{flag}")
+    log.info("\n" + grid_ranking(rows))
     if by_test is not best:
         log.info(f"  (selecting by test would have picked {by_test['point']}: MMRec's flaw, not used)")
     best_result = json.loads((Path(best["dir"]) / "result.json").read_text())
-    result = {**best_result, "grid": rows, "best_point": best["point"], "selected_by": f"valid {metric}",
+    grid_rows = [{k: r[k] for k in ("point", "valid", "test", "best_epoch", "epochs_run", "efficiency", "dir")}
+                 for r in rows]
+    result = {**best_result, "grid": grid_rows, "best_point": best["point"], "selected_by": f"valid {metric}",
               "config": config.to_dict()}
     result.pop("history", None)
     write_json(out / "result.json", result)
     return result
 
 
-def compare(models: list[str], dataset: str, seeds: list[int] | None = None, splits: int = 0,
+def compare(models: list[str], datasets: list[str] | str, seeds: list[int] | None = None, splits: int | None = None,
             overrides: list | None = None, out_dir: Path | None = None, overwrite: bool = False,
-            extra_yamls: list[Path] | None = None) -> dict:
-    """Train each model under identical splits and seeds; mean and spread of the test metrics, and a
-    paired comparison per user is possible from the saved per-run results."""
-    out = Path(out_dir) if out_dir else default_out_dir("compare", dataset)
-    claim_out_dir(out, False, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out)
-    runs = []
+            extra_yamls: list[Path] | None = None, workers: int = 1, backend: str = "local",
+            address: str | None = None, efficiency: bool = False) -> dict:
+    """Train each model on each dataset under identical splits and seeds (Table 4's layout).  Every run
+    goes into the results store of ``out_dir``; the same command again reuses the finished runs, so a
+    killed comparison continues where it stopped.  Writes compare.md / .csv / .tex / .json."""
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    if splits is not None and splits < 1:
+        raise ConfigError(f"--splits {splits}: expected 1..{len(PAPER_SPLIT_SEEDS)} random 8:1:1 splits (leave it out "
+                          "for the dataset's fixed x_label split)")
+    if splits is not None and splits > len(PAPER_SPLIT_SEEDS):
+        raise ConfigError(f"--splits {splits}: at most {len(PAPER_SPLIT_SEEDS)} (the paper's split seeds "
+                          f"{PAPER_SPLIT_SEEDS})")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: expected an integer >= 1")
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend {backend!r}: expected local or ray")
     if splits:
         plan = [({"split": "random", "split_seed": s}, f"split{s}") for s in PAPER_SPLIT_SEEDS[:splits]]
     else:
         plan = [({"seed": s}, f"seed{s}") for s in (seeds or [999])]
-    for model in models:
-        for extra, tag in plan:
-            sets = list(overrides or []) + [f"{k}={v}" for k, v in extra.items()]
-            sub = out / f"{canonical_name(model)}-{tag}"
-            res = run(model, dataset, sets, sub, extra_yamls=extra_yamls)
-            setup_logging(out)
-            runs.append({"model": canonical_name(model), "tag": tag, "valid": res["valid"], "test": res["test"],
-                         "best_epoch": res["best_epoch"], "seconds_per_epoch": res["seconds_per_epoch"]})
-    keys = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
-    table = {}
-    for model in dict.fromkeys(r["model"] for r in runs):
-        rs = [r for r in runs if r["model"] == model]
-        table[model] = {}
-        for k in keys:
-            vals = [r["test"][k] for r in rs if k in r["test"]]
-            table[model][k] = {"mean": statistics.fmean(vals) if vals else None,
-                               "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-        spe = [r["seconds_per_epoch"] for r in rs if r["seconds_per_epoch"]]
-        table[model]["seconds_per_epoch"] = statistics.median(spe) if spe else None
-    lines = [f"| model | {' | '.join(keys)} | s/epoch |", "|---" * (len(keys) + 2) + "|"]
-    for model, row in table.items():
-        cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" for k in keys]
-        lines.append(f"| {model} | {' | '.join(cells)} | {row['seconds_per_epoch']:.3f} |")
-    md = "\n".join(lines)
-    (out / "compare.md").write_text(md + "\n")
-    result = {"dataset": dataset, "plan": [t for _, t in plan], "runs": runs, "table": table}
-    write_json(out / "compare.json", result)
+    jobs = []  # every configuration is resolved and checked before anything trains
+    for ds in datasets:
+        for model in models:
+            for extra, tag in plan:
+                config = resolve_config(model, ds, list(overrides or []) + [f"{k}={v}" for k, v in extra.items()],
+                                        extra_yamls=extra_yamls)
+                if grid_size(config) > 1:
+                    raise ConfigError(f"compare runs one setting per model; {model} has grid keys "
+                                      f"{config['hyper_parameters']}: fix them with --set KEY=VALUE")
+                check_available(config)
+                name = canonical_name(model)
+                key = f"{name}|{ds}|{config_hash(config.to_dict())}"
+                jobs.append((config, key, {"kind": "compare", "model": name, "dataset": ds, "tag": tag,
+                                           "name": f"{name} on {ds} {tag}"}))
+    out = Path(out_dir) if out_dir else default_out_dir("compare", "-".join(datasets))
+    if not (out / STORE_NAME).exists():
+        claim_out_dir(out, False, overwrite)
+    elif overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out)
+    jobs = [Job(cfg.to_dict(), str(out / label["dataset"] / f"{label['model']}-{label['tag']}"), key, label)
+            for cfg, key, label in jobs]
+    store = ResultStore(out)
+    todo = _start_log(jobs, {r["key"] for r in store.records()}, "compare")
+    on_done = _progress(out, jobs, "run")
+    run_jobs(todo, on_done, workers, backend, address)
+    keys = {j.key for j in jobs}
+    records = [r for r in store.records() if r["key"] in keys]
+    table = compare_table(records, efficiency=efficiency)
+    md = write_tables(out, table, records)
     print(md)
+    if on_done.state["failed"]:
+        raise RunsFailed(f"{len(on_done.state['failed'])} run(s) failed (the table holds the others; rerun the "
+                           f"same command to retry): " + "; ".join(on_done.state["failed"]))
+    result = table_json(table, records)
     result["result_path"] = str(out / "compare.json")
     return result
+
+
+def show_results(folder: Path) -> str:
+    """The tables of a comparison or a grid folder from its results store (also while it runs)."""
+    try:
+        store = ResultStore(folder, readonly=True)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    records = store.records()
+    parts = []
+    if any(r.get("kind") == "compare" for r in records):
+        parts.append(to_markdown(compare_table(records, efficiency=True)))
+    ranking = grid_ranking(records)
+    if ranking:
+        parts.append(ranking)
+    return "\n\n".join(parts) if parts else f"{folder}: no finished runs yet"

@@ -31,6 +31,32 @@ from mmrec.evaluation import evaluate
 log = logging.getLogger("mmrec")
 
 
+def reset_peak_memory() -> None:
+    """Start a run's peak-memory count: CUDA's allocator statistics, and Linux's VmHWM (clear_refs 5)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(model) -> float | None:
+    """CUDA max allocated when the model is on a GPU, else the peak RSS (VmHWM) of this process."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -225,6 +251,7 @@ class Trainer:
             stats = self.model.epoch_stats()
             train_time = time.perf_counter() - t0
             self.train_times.append(train_time)
+            elapsed = (self.history[-1].get("elapsed_seconds", 0.0) if self.history else 0.0) + train_time
             record = {"epoch": self.epoch, "train_seconds": round(train_time, 4), **losses, **stats}
             msg = f"epoch {self.epoch:3d}  train {train_time:6.2f}s  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in losses.items())
@@ -239,6 +266,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 valid = self._evaluate("valid")["metrics"]
                 self.eval_times.append(time.perf_counter() - t1)
+                elapsed += self.eval_times[-1]
                 score = round(valid[self.valid_metric], self.decimals)
                 improved = score > self.best_score
                 record["valid"] = valid
@@ -257,6 +285,7 @@ class Trainer:
                     self.bad_evals += 1
                     stop = self.bad_evals > stopping_step
                 log.info(line)
+            record["elapsed_seconds"] = round(elapsed, 3)  # training and evaluation time so far (t95)
             self.history.append(record)
             self.epoch += 1
             if stop:
@@ -273,7 +302,22 @@ class Trainer:
                 "train_seconds": round(sum(self.train_times), 3),
                 "seconds_per_epoch": round(statistics.median(self.train_times), 4) if self.train_times else None,
                 "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
-                "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history}
+                "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history,
+                "efficiency": self.efficiency()}
+
+    def efficiency(self) -> dict:
+        """Table 7's figures: median training epoch after the first (warm-up), median evaluation pass, peak
+        memory of this run (CUDA max allocated on a GPU, else the process's peak RSS since the run began),
+        best epoch, epochs run and t95 = training + evaluation seconds until the validation score first
+        reached 95% of its best."""
+        warm = self.train_times[1:] or self.train_times
+        scored = [(r["elapsed_seconds"], r["valid"][self.valid_metric]) for r in self.history if "valid" in r]
+        best = max((v for _, v in scored), default=None)
+        t95 = next((t for t, v in scored if best is not None and v >= 0.95 * best), None)
+        return {"seconds_per_epoch": round(statistics.median(warm), 4) if warm else None,
+                "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
+                "peak_memory_mib": peak_memory_mib(self.model), "best_epoch": self.best_epoch,
+                "epochs_run": self.epoch, "t95_seconds": round(t95, 2) if t95 is not None else None}
 
     def _test_best(self, save_topk: int) -> None:
         """Score the test split once with the best validation epoch's weights (left in the model)."""

@@ -94,10 +94,23 @@ def test_resume_alone_continues_and_extends_a_run_and_rejects_contradictions(tmp
     assert missing.returncode == 2 and "--resume DIR" in missing.stderr
 
 
-def test_a_models_own_key_check_is_one_line_with_exit_2(tmp_path):
-    res = _main("-m", "MAGNET", "-d", "mini", "--set", "K=20", "--set", "num_threads=1",
-                "--set", f"cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "run"))
-    assert res.returncode == 2 and "K=20 must lie in 1..E" in res.stderr and "Traceback" not in res.stderr
+def test_a_models_own_key_check_is_one_line_with_exit_2_before_loading(tmp_path):
+    """A model's declared values and cross-key rules are checked before any data is read: the dataset
+    here does not exist, so a check that ran after loading would report the missing data instead."""
+    absent = ["-d", "no_such_data", "--set", f"data_path={tmp_path}", "--out", str(tmp_path / "run")]
+    cases = {("K=20",): "K=20 must lie in 1..E, but the expert pool has E=9",
+             ("K=0",): "K=0 (--set): expected an integer >= 1",
+             ("view=XX",): "view='XX' (--set): expected one of DV, SV",
+             ("families=[bal]",): "K=4 must lie in 1..E, but the expert pool has E=3",
+             ("families=[]",): "families=[] (--set): expected a non-empty list drawn from dom, bal, com",
+             ("dropout=1.5",): "dropout=1.5 (--set): expected a number in [0, 0.99]"}
+    for sets, message in cases.items():
+        res = _main("-m", "MAGNET", *absent, *(x for s in sets for x in ("--set", s)))
+        assert res.returncode == 2 and message in res.stderr, (sets, res.stderr)
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing was created either
+    grid = _main("grid", "-m", "MAGNET", *absent, "--set", "K=[2, 20]", "--set", "lambda_r=0.3")
+    assert grid.returncode == 2 and "K=20 must lie in 1..E" in grid.stderr and "grid point {'K': 20}" in grid.stderr
 
 
 def test_own_model_from_a_file_with_its_own_config_yaml(tmp_path):
@@ -113,6 +126,9 @@ def test_own_model_from_a_file_with_its_own_config_yaml(tmp_path):
     assert result["model"] == "ToyMF" and result["config"]["toy_reg"] == 1e-4
     assert result["config"]["stopping_step"] == 10 and result["config"]["embedding_size"] == 32
     assert "user_norm" in result["history"][0]
+    negative = _main("-m", "docs/examples/toy_mf.py:ToyMF", "-d", "mini", "--config", "docs/examples/toy_mf.yaml",
+                     "--set", "toy_reg=-1", "--out", str(tmp_path / "neg"))
+    assert negative.returncode == 2 and "toy_reg=-1.0 (--set): expected a number >= 0" in negative.stderr
     missing = _main("-m", "nosuchpkg.mod:Model", "-d", "mini")
     assert missing.returncode == 2 and "PYTHONPATH" in missing.stderr and "Traceback" not in missing.stderr
 

@@ -7,6 +7,7 @@ per-user split with MMRec's labelling rule, seeded by ``split_seed``).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 from pathlib import Path
@@ -48,6 +49,10 @@ def _missing_message(folder: Path, config) -> str:
         msg += f" Download the '{name}' folder from MMRec's Google Drive ({DRIVE_URL}) into {folder.parent}/."
     elif not folder.exists():  # an unknown name: say what exists
         present = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
+        known = set(present) | _synthetic_presets() | {"mini"} | set(AMAZON_DATASETS)
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        if close:
+            msg += f" Did you mean {close[0]!r}?"
         msg += (f" Datasets in {folder.parent}: {', '.join(present) or 'none'}; generated on first use: "
                 f"{', '.join(sorted(_synthetic_presets() | {'mini'}))}; downloadable (MMRec): "
                 f"{', '.join(sorted(AMAZON_DATASETS))}.")
@@ -93,15 +98,7 @@ class RecDataset:
 
             ensure_dataset(folder.parent, self.name)
         self.folder = folder
-        inter_path = folder / (config.get("inter_file_name") or f"{self.name}.inter")
-        feature_paths = {m: folder / config[key] for m, key in MODALITIES.items() if config.get(key)}
-        if not _model_uses_features(config):  # ID-only models neither need nor load feature files
-            feature_paths = {}
-        if not folder.is_dir() or not inter_path.exists():
-            raise DataError(_missing_message(folder, config))
-        for m, path in feature_paths.items():
-            if not path.exists():
-                raise DataError(_missing_message(folder, config) + f" Missing: {path.name}.")
+        inter_path, feature_paths = _check_files(folder, config)
         users, items, labels = self._read_inter(inter_path)
         self.n_users = int(users.max()) + 1
         self.n_items = int(items.max()) + 1
@@ -284,6 +281,30 @@ def _model_uses_features(config) -> bool:
         return bool(getattr(get_model(str(name)), "uses_features", True))
     except RegistryError:
         return True
+
+
+def _check_files(folder: Path, config) -> tuple[Path, dict[str, Path]]:
+    """The interaction file and the feature files the model reads, or the DataError naming what is missing."""
+    inter_path = folder / (config.get("inter_file_name") or f"{config['dataset']}.inter")
+    feature_paths = {m: folder / config[key] for m, key in MODALITIES.items() if config.get(key)}
+    if not _model_uses_features(config):  # ID-only models neither need nor load feature files
+        feature_paths = {}
+    if not folder.is_dir() or not inter_path.exists():
+        raise DataError(_missing_message(folder, config))
+    for path in feature_paths.values():
+        if not path.exists():
+            raise DataError(_missing_message(folder, config) + f" Missing: {path.name}.")
+    return inter_path, feature_paths
+
+
+def check_available(config) -> None:
+    """The missing-data error a run would stop with, raised without reading any data (a synthetic preset
+    is available: it is generated on first use).  Lets a comparison over many datasets fail at once."""
+    folder = _resolve_data_dir(config)
+    name = config["dataset"]
+    if (name == "mini" or name in _synthetic_presets()) and ((folder / "meta.json").exists() or not folder.exists()):
+        return
+    _check_files(folder, config)
 
 
 def _synthetic_presets() -> set[str]:

@@ -1,0 +1,140 @@
+"""Every registered model on one dataset: seconds per training epoch, per full evaluation pass and peak memory.
+
+    python benchmarks/bench_models.py                                   # every model, Baby-sized, CPU
+    python benchmarks/bench_models.py --models LightGCN,MAGNET --sizes baby_synth,elec_synth
+    python benchmarks/bench_models.py --device cuda --epochs 5          # on a GPU
+
+Each model trains ``--epochs`` epochs with the trainer (evaluation on the validation split after every
+epoch, as in a real run) in its own child process, so one model's memory never counts against another's
+and a crash or a refusal is recorded, not fatal.  Per model: the median training epoch (the first epoch
+runs warm-up work, so with 3 epochs the median is a warm epoch), the median full evaluation pass, the
+peak resident memory of the child (VmHWM; CUDA max allocated on a GPU), each also as a ratio to LightGCN
+measured in the same run.  Synthetic presets are generated once (cached under ``data/``); the kNN lists
+and graphs a model builds are cached as in any run, so build time is not in the epoch figures.
+A Markdown table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args) -> None:
+    """One model, in this process: train, then print one JSON line with the figures."""
+    import torch
+
+    from mmrec import quick_start
+
+    sets = [f"epochs={args.epochs}", f"stopping_step={args.epochs + 1}", f"num_threads={args.threads}",
+            "save_topk=0"] + list(args.set or [])
+    if args.device == "cuda":
+        sets.append("use_gpu=true")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = quick_start.run(args.worker, args.dataset, sets, Path(tmp) / "run", quiet=True)
+        wall = time.perf_counter() - t0
+    out = {"model": res["model"], "seconds_per_epoch": res["seconds_per_epoch"], "eval_seconds": res["eval_seconds"],
+           "build_seconds": res["build_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mib": round(_peak_rss_mib()),
+           "test_recall@20": res["test"].get("recall@20")}
+    if args.device == "cuda":
+        out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    print("BENCH " + json.dumps(out), flush=True)
+
+
+def run_one(model: str, dataset: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--dataset", dataset,
+           "--epochs", str(args.epochs), "--threads", str(args.threads), "--device", args.device]
+    for s in args.set or []:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "error": f"over the {args.timeout} s limit"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+    return {"model": model, "error": (lines[-1] if lines else f"exit {proc.returncode}")[:300],
+            "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _ratio(value, base) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
+
+
+def table(rows: list[dict], dataset: str, device: str) -> str:
+    base = next((r for r in rows if r["model"] == "LightGCN" and "error" not in r), {})
+    mem_key = "cuda_max_allocated_mib" if device == "cuda" else "peak_rss_mib"
+    lines = [f"### {dataset} on {device}", "",
+             f"| model | s/epoch | x LightGCN | s/eval pass | x LightGCN | peak {'CUDA' if device == 'cuda' else 'RSS'} MiB"
+             f" | x LightGCN | build s | test R@20 after the epochs |", "|---" * 9 + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['error']} |" + " |" * 7)
+            continue
+        lines.append(f"| {r['model']} | {r['seconds_per_epoch']:.2f} | {_ratio(r['seconds_per_epoch'], base.get('seconds_per_epoch'))}"
+                     f" | {r['eval_seconds']:.2f} | {_ratio(r['eval_seconds'], base.get('eval_seconds'))}"
+                     f" | {r[mem_key]} | {_ratio(r[mem_key], base.get(mem_key))} | {r['build_seconds']:.1f}"
+                     f" | {r['test_recall@20']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="all", help="comma-separated names, or all (every registered model)")
+    ap.add_argument("--sizes", default="baby_synth", help="comma-separated datasets (synthetic presets or real)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs per model (median reported)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per model before it is recorded as over")
+    ap.add_argument("--set", action="append", help="KEY=VALUE for every model (e.g. eval_batch_size=4096)")
+    ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dataset", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    from mmrec.registry import available_models
+
+    names = sorted(available_models()) if args.models == "all" else [m.strip() for m in args.models.split(",")]
+    names = ["LightGCN"] + [n for n in names if n != "LightGCN"]  # the reference first
+    report, results = [], {}
+    print(f"# bench_models: {len(names)} models, {args.epochs} epochs each, device {args.device}, "
+          f"threads {args.threads or os.cpu_count()}", flush=True)
+    for dataset in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        rows = []
+        for model in names:
+            r = run_one(model, dataset, args)
+            rows.append(r)
+            print(f"{dataset} {model}: " + (r["error"] if "error" in r else
+                  f"{r['seconds_per_epoch']:.2f} s/epoch, {r['eval_seconds']:.2f} s/eval, "
+                  f"{r.get('cuda_max_allocated_mib', r['peak_rss_mib'])} MiB"), flush=True)
+        results[dataset] = rows
+        report.append(table(rows, dataset, args.device))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print("\n" + "\n\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Comparisons and grids: the results store, kills and reruns, parallel workers, Ray, the tables."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmrec.results import ResultStore, compare_table, paired_t_test, to_latex, to_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _main(*args, wait=True, **kw):
+    cmd = [sys.executable, str(ROOT / "main.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, **kw)
+
+
+def _data(tmp_path):
+    return ["--set", f"data_path={tmp_path / 'data'}", "--set", f"cache_dir={tmp_path / 'cache'}",
+            "--set", "num_threads=1"]
+
+
+def _stored(folder: Path) -> list[dict]:
+    if not (folder / "results.lmdb").exists():
+        return []
+    out = subprocess.run([sys.executable, "-c", "import json,sys; from mmrec.results import ResultStore; "
+                          f"print(json.dumps(ResultStore(sys.argv[1], readonly=True).records()))", str(folder)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return json.loads(out.stdout) if out.returncode == 0 else []
+
+
+def _kill_when(proc, path_glob: str, folder: Path, timeout: float = 240) -> None:
+    """SIGKILL the run as soon as a file matching ``path_glob`` appears under ``folder`` (a later job has
+    begun training), i.e. mid-way through the comparison or grid."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if any(folder.glob(path_glob)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path_glob} never appeared before the run ended: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def test_compare_killed_and_rerun_holds_every_run_once_and_writes_every_format(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "-m", "BPR,LightGCN", "-d", "tiny", "--splits", "2", "--set", "epochs=30",
+            "--set", "stopping_step=30", *_data(tmp_path), "--out", str(out)]
+    proc = _main(*args, wait=False)
+    _kill_when(proc, "tiny/BPR-split672/last.pth", out)  # the second run has begun
+    first = _stored(out)
+    assert len(first) < 4
+    done = _main(*args)
+    assert done.returncode == 0, done.stderr
+    records = _stored(out)
+    assert len(records) == 4 and len({r["key"] for r in records}) == 4
+    assert {(r["model"], r["split_seed"]) for r in records} == {(m, s) for m in ("BPR", "LightGCN") for s in (9, 672)}
+    for r in first:  # a run stored before the kill was not trained again
+        again = next(x for x in records if x["key"] == r["key"])
+        assert again["test"] == r["test"]
+    log = (out / "log.txt").read_text()
+    assert f"{len(first)} already in the results store, {4 - len(first)} to run" in log.split("compare: 4 runs")[-1]
+    for ext in ("md", "csv", "tex", "json"):
+        assert (out / f"compare.{ext}").stat().st_size > 0
+    table = json.loads((out / "compare.json").read_text())
+    assert len(table["runs"]) == 4 and all(len(r["config_hash"]) == 16 for r in table["runs"])
+    assert "Test metrics at the best validation epoch" in (out / "compare.md").read_text()
+    assert r"\textbf{" in (out / "compare.tex").read_text()
+    shown = _main("results", str(out))
+    assert shown.returncode == 0 and "LightGCN" in shown.stdout and "s/epoch" in shown.stdout
+
+
+def test_grid_killed_and_resumed_matches_an_uninterrupted_grid(tmp_path):
+    args = ["grid", "-m", "LightGCN", "-d", "tiny", "--set", "n_layers=[1, 2, 3]", "--set", "learning_rate=0.001",
+            "--set", "reg_weight=0.0001", "--set", "epochs=30", "--set", "stopping_step=30", *_data(tmp_path)]
+    whole = _main(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    proc = _main(*args, "--out", str(cut), wait=False)
+    _kill_when(proc, "grid/001-*/last.pth", cut)  # the second point is training: it resumes from last.pth
+    assert len(_stored(cut)) < 3
+    resumed = _main("grid", "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr
+    a = {json.dumps(r["point"]): r for r in _stored(tmp_path / "whole")}
+    b = {json.dumps(r["point"]): r for r in _stored(cut)}
+    assert len(b) == 3 and set(a) == set(b)
+    for point in a:
+        assert b[point]["test"] == a[point]["test"] and b[point]["valid"] == a[point]["valid"], point
+
+
+def test_two_workers_lose_and_duplicate_nothing(tmp_path):
+    base = ["compare", "-m", "BPR,LightGCN", "-d", "tiny", "--seeds", "1,2", "--set", "epochs=2", *_data(tmp_path)]
+    serial = _main(*base, "--out", str(tmp_path / "serial"))
+    parallel = _main(*base, "--workers", "2", "--out", str(tmp_path / "parallel"))
+    assert serial.returncode == 0 and parallel.returncode == 0, parallel.stderr
+    a, b = _stored(tmp_path / "serial"), _stored(tmp_path / "parallel")
+    assert len(b) == 4 and {r["key"] for r in a} == {r["key"] for r in b}
+    by_key = {r["key"]: r for r in a}
+    for r in b:
+        for m, v in r["test"].items():
+            assert v == pytest.approx(by_key[r["key"]]["test"][m], abs=2e-3)
+
+
+def test_ray_backend_gives_the_local_table(tmp_path):
+    pytest.importorskip("ray")
+    base = ["compare", "-m", "BPR", "-d", "tiny", "--seeds", "1,2", "--set", "epochs=2", *_data(tmp_path)]
+    local = _main(*base, "--out", str(tmp_path / "local"))
+    remote = _main(*base, "--backend", "ray", "--workers", "2", "--out", str(tmp_path / "ray"))
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    a = {r["key"]: r["test"] for r in _stored(tmp_path / "local")}
+    b = {r["key"]: r["test"] for r in _stored(tmp_path / "ray")}
+    assert set(a) == set(b) and len(b) == 2
+    for key in a:
+        assert b[key] == pytest.approx(a[key], abs=2e-3)
+
+
+def test_bad_requests_fail_fast_with_one_line(tmp_path):
+    cases = [(["compare", "-m", "BPR,LightGNC", "-d", "tiny"], "did you mean 'LightGCN'"),
+             (["compare", "-m", "BPR", "-d", "tiny,minii"], "Did you mean 'mini'?"),
+             (["compare", "-m", "BPR", "-d", "tiny", "--splits", "0"], "--splits 0: expected 1..5"),
+             (["compare", "-m", "BPR", "-d", "tiny", "--workers", "0"], "--workers 0: expected an integer >= 1"),
+             (["grid", "-m", "LightGCN", "-d", "tiny", "--set", "n_layer=[1, 2]"], "did you mean 'n_layers'")]
+    for args, message in cases:
+        res = _main(*args, "--set", f"data_path={tmp_path / 'data'}", "--out", str(tmp_path / "x"))
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def _rec(model, ds, tag, n20, r20=0.1):
+    return {"kind": "compare", "model": model, "dataset": ds, "tag": tag,
+            "test": {"recall@20": r20, "ndcg@20": n20}, "efficiency": {"seconds_per_epoch": 1.0}}
+
+
+def test_table_marks_best_and_second_and_runs_the_paired_test():
+    recs = [_rec("A", "d", f"s{i}", 0.30 + 0.01 * i) for i in range(3)]
+    recs += [_rec("B", "d", f"s{i}", 0.20 + 0.012 * i) for i in range(3)]
+    recs += [_rec("C", "d", f"s{i}", 0.10) for i in range(3)]
+    table = compare_table(recs, metrics=("recall@20", "ndcg@20"))
+    assert table["ranks"][("d", "ndcg@20")] == ["A", "B"]
+    cell = table["cells"][("d", "A")]
+    assert cell["runs"] == 3 and cell["ndcg@20"][0] == pytest.approx(0.31)
+    test = table["tests"]["d"]
+    assert test["best"] == "A" and test["runner_up"] == "B" and test["pairs"] == 3
+    # differences 0.10, 0.098, 0.096: mean 0.098, sd 0.002 -> t = 84.87 on 2 df
+    assert test["p_value"] == pytest.approx(1.388e-4, rel=1e-2)
+    md = to_markdown(table)
+    assert "**0.3100 ± 0.0100†**" in md and "<u>0.2120 ± 0.0120</u>" in md
+    assert r"\underline{0.2120 $\pm$ 0.0120}" in to_latex(table)
+    assert paired_t_test([1.0], [0.5]) is None
+
+
+def test_store_survives_reopen_and_keeps_one_record_per_key(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put("k1", {"a": 1})
+    store.put("k1", {"a": 2})
+    store.put("k2", {"a": 3})
+    assert len(store) == 2 and store.get("k1") == {"a": 2}
+    with pytest.raises(FileNotFoundError, match="holds no results.lmdb"):
+        ResultStore(tmp_path / "nothing", readonly=True)
