@@ -6,6 +6,7 @@
     python main.py grid -m LightGCN -d mini                # walk the model yaml's grid, pick by validation
     python main.py compare -m BPR,LightGCN,MAGNET -d mini,mid_synth --seeds 999,1,2   (or --splits 5)
     python main.py results saved/compare-...              # the table of a comparison or grid, also while it runs
+    python main.py recommend saved/MAGNET-baby-... --k 50  # top-K lists with scores from best.pth
     python main.py show -m FREEDOM -d baby                 # the resolved configuration
     python main.py prepare mini                            # generate a synthetic dataset / check a real one
     python main.py models                                  # list the registered models
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-COMMANDS = ("train", "grid", "compare", "results", "show", "prepare", "models")
+COMMANDS = ("train", "grid", "compare", "results", "recommend", "show", "prepare", "models")
 
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     _parallel(p)
     p = sub.add_parser("results", help="print the table of a comparison or grid folder (also while it runs)")
     p.add_argument("folder", type=Path)
+    p = sub.add_parser("recommend", help="top-K lists with scores from a finished run's best.pth")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--k", type=int, default=50)
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--users", type=Path, metavar="FILE", help="one user id per line (default: every user)")
+    who.add_argument("--all", action="store_true", help="every user (the default)")
+    p.add_argument("--out", type=Path, help="output TSV (default RUN_DIR/recommendations_topK.tsv)")
     p = sub.add_parser("show", help="print the resolved configuration")
     _common(p)
     p.add_argument("--grid", action="store_true")
@@ -120,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "results":
             print(quick_start.show_results(args.folder))
+            return 0
+        if args.command == "recommend":
+            print(quick_start.recommend_from_run(args.run_dir, args.k, args.users, args.out))
             return 0
         if getattr(args, "workers", 1) < 1:
             raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")

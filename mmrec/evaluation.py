@@ -63,6 +63,45 @@ def _row_keys(matrix: sp.csr_matrix, rows: np.ndarray, n_cols: int) -> tuple[tor
     return torch.from_numpy(sub.row.astype(np.int64)), torch.from_numpy(sub.col.astype(np.int64))
 
 
+def _masked_scores(model, block: np.ndarray, train: sp.csr_matrix, device) -> torch.Tensor:
+    """Scores [block, n_items] from ``full_sort_predict`` with the block's training items at -inf."""
+    n_items = train.shape[1]
+    scores = model.full_sort_predict({"users": torch.from_numpy(block).to(device)})
+    if scores.shape != (len(block), n_items):
+        raise RuntimeError(f"{type(model).__name__}.full_sort_predict returned shape "
+                           f"{tuple(scores.shape)}, expected ({len(block)}, {n_items})")
+    scores = scores.float()  # masked in place: the contract asks for a fresh tensor
+    r, c = _row_keys(train, block, n_items)
+    scores[r.to(device), c.to(device)] = -torch.inf
+    return scores
+
+
+@torch.no_grad()
+def recommend(model, dataset, users: np.ndarray, k: int, batch_users: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` items and their scores for ``users`` over all items, the users' training items excluded
+    (the ranking evaluation uses): arrays [len(users), k] of item ids and of scores."""
+    train = dataset.train_matrix.tocsr()
+    device = getattr(model, "device", torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    model.eval_split = "test"
+    model.start_evaluation()
+    items, scores = [], []
+    try:
+        for start in range(0, len(users), batch_users):
+            block = np.asarray(users[start:start + batch_users], dtype=np.int64)
+            top = torch.topk(_masked_scores(model, block, train, device), min(k, dataset.n_items), dim=1)
+            items.append(top.indices.cpu().numpy())
+            scores.append(top.values.cpu().numpy())
+    finally:
+        model.end_evaluation()
+        model.eval_split = None
+        model.train(was_training)
+    if not items:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(items), np.concatenate(scores)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, split: str, ks: list[int], metrics=METRICS, batch_users: int = 2048,
              keep_topk: int = 0, per_user: bool = False) -> dict:
@@ -89,13 +128,7 @@ def evaluate(model, dataset, split: str, ks: list[int], metrics=METRICS, batch_u
     try:
         for start in range(0, len(users), batch_users):
             block = users[start:start + batch_users]
-            scores = model.full_sort_predict({"users": torch.from_numpy(block).to(device)})
-            if scores.shape != (len(block), n_items):
-                raise RuntimeError(f"{type(model).__name__}.full_sort_predict returned shape "
-                                   f"{tuple(scores.shape)}, expected ({len(block)}, {n_items})")
-            scores = scores.float()  # masked in place: the contract asks for a fresh tensor
-            r, c = _row_keys(train, block, n_items)
-            scores[r.to(device), c.to(device)] = -torch.inf
+            scores = _masked_scores(model, block, train, device)
             top = torch.topk(scores, min(max_k, n_items), dim=1).indices.cpu()
             tr, tc = _row_keys(truth, block, n_items)
             truth_keys = tr * n_items + tc  # sorted: rows ascending, columns sorted within rows

@@ -80,7 +80,8 @@ def run_jobs(jobs: list[Job], on_done: Callable[[Job, dict | None, str | None], 
     if backend == "ray":
         _run_ray(jobs, on_done, workers, address)
     elif workers <= 1:
-        for job in jobs:
+        for i, job in enumerate(jobs, 1):
+            log.info(f"running {i}/{len(jobs)}: {job.label.get('name', job.key)} ({len(jobs) - i} more after it)")
             try:
                 result = execute(job, quiet=False)
             except (KeyboardInterrupt, SystemExit):

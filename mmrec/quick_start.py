@@ -24,7 +24,7 @@ import yaml
 
 from mmrec.config import (RANGES, ROOT, Config, ConfigError, check_rule, grid_points, grid_size, load_config,
                           parse_set)
-from mmrec.data import RecDataset
+from mmrec.data import DataError, RecDataset
 from mmrec.data.dataset import MODALITIES, check_available
 from mmrec.registry import canonical_name, get_model
 from mmrec.executor import Job, pending_jobs, run_jobs
@@ -403,3 +403,71 @@ def show_results(folder: Path) -> str:
     if ranking:
         parts.append(ranking)
     return "\n\n".join(parts) if parts else f"{folder}: no finished runs yet"
+
+
+def _id_mapping(folder: Path, file_name: str, internal: str) -> dict[int, str] | None:
+    """MMRec's ``u_id_mapping.csv`` / ``i_id_mapping.csv`` (header: the original id column and the internal
+    one, tab or comma separated) as internal id -> original id, or None when the dataset has none."""
+    import csv
+
+    path = folder / file_name
+    if not path.exists():
+        return None
+    with path.open(newline="") as fh:
+        head = fh.readline()
+        fh.seek(0)
+        reader = csv.DictReader(fh, delimiter="\t" if "\t" in head else ",")
+        fields = reader.fieldnames or []
+        if internal not in fields or len(fields) < 2:
+            raise DataError(f"{path}: expected a header with {internal!r} and the original id column, got {fields}")
+        original = next(f for f in fields if f != internal)
+        return {int(row[internal]): row[original] for row in reader}
+
+
+def recommend_from_run(run_dir: Path, k: int = 50, users_file: Path | None = None, out_file: Path | None = None) -> Path:
+    """Top-``k`` lists with scores from a run's best.pth, training items excluded, for every user or the
+    users listed in ``users_file`` (one id per line, the dataset's original ids when it has MMRec's id
+    mapping files, else the internal ones).  Written as TSV: user, rank, item, score."""
+    from mmrec.evaluation import recommend
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "best.pth").exists():
+        raise ConfigError(f"{run_dir}: expected a finished run folder with config.yaml and best.pth")
+    if k < 1:
+        raise ConfigError(f"--k {k}: expected an integer >= 1")
+    config = Config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    config["device"] = resolve_device(config)
+    dataset = RecDataset(config)
+    model = get_model(config["model"])(config, dataset).to(config["device"])
+    state = torch.load(run_dir / "best.pth", map_location=config["device"], weights_only=False)
+    model.load_state_dict(state["model"])
+    users_map = _id_mapping(dataset.folder, "u_id_mapping.csv", config["USER_ID_FIELD"])
+    items_map = _id_mapping(dataset.folder, "i_id_mapping.csv", config["ITEM_ID_FIELD"])
+    if users_file is None:
+        users = np.arange(dataset.n_users)
+    else:
+        wanted = [line.strip() for line in Path(users_file).read_text().splitlines() if line.strip()]
+        lookup = {v: u for u, v in users_map.items()} if users_map else None
+        users, unknown = [], []
+        for w in wanted:
+            u = lookup.get(w) if lookup else (int(w) if w.isdigit() else None)
+            if u is None or not 0 <= u < dataset.n_users:
+                unknown.append(w)
+            else:
+                users.append(u)
+        if unknown:
+            raise DataError(f"{users_file}: {len(unknown)} user id(s) not in {config['dataset']}, e.g. {unknown[0]!r} "
+                            f"({'original ids from u_id_mapping.csv' if lookup else f'internal ids 0..{dataset.n_users - 1}'})")
+        users = np.asarray(users, dtype=np.int64)
+    items, scores = recommend(model, dataset, users, k, int(config["eval_batch_size"]))
+    out = Path(out_file) if out_file else run_dir / f"recommendations_top{k}.tsv"
+    name_u = (lambda u: users_map.get(int(u), str(u))) if users_map else str
+    name_i = (lambda i: items_map.get(int(i), str(i))) if items_map else str
+    tmp = out.with_name(out.name + ".part")
+    with tmp.open("w") as fh:
+        fh.write("user\trank\titem\tscore\n")
+        for u, row_items, row_scores in zip(users, items, scores):
+            for rank, (i, s) in enumerate(zip(row_items, row_scores), 1):
+                fh.write(f"{name_u(u)}\t{rank}\t{name_i(i)}\t{s:.6g}\n")
+    tmp.replace(out)
+    return out

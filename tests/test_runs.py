@@ -164,3 +164,29 @@ def test_store_survives_reopen_and_keeps_one_record_per_key(tmp_path):
     assert len(store) == 2 and store.get("k1") == {"a": 2}
     with pytest.raises(FileNotFoundError, match="holds no results.lmdb"):
         ResultStore(tmp_path / "nothing", readonly=True)
+
+
+def test_recommend_writes_top_k_with_original_ids_and_no_training_items(tmp_path):
+    import numpy as np
+
+    run = tmp_path / "run"
+    res = _main("-m", "BPR", "-d", "tiny", "--set", "epochs=2", *_data(tmp_path), "--out", str(run))
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "data" / "tiny"
+    inter = np.loadtxt(folder / "tiny.inter", skiprows=1, dtype=np.int64)
+    n_users, n_items = inter[:, 0].max() + 1, inter[:, 1].max() + 1
+    (folder / "u_id_mapping.csv").write_text("user_id\tuserID\n" + "".join(f"U{u}\t{u}\n" for u in range(n_users)))
+    (folder / "i_id_mapping.csv").write_text("asin\titemID\n" + "".join(f"B{i}\t{i}\n" for i in range(n_items)))
+    (tmp_path / "users.txt").write_text("U3\nU7\n")
+    res = _main("recommend", str(run), "--k", "5", "--users", str(tmp_path / "users.txt"))
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("\t") for line in (run / "recommendations_top5.tsv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["U3"] * 5 + ["U7"] * 5 and [r[1] for r in rows[:5]] == list("12345")
+    train = {(int(u), int(i)) for u, i, *_, label in inter if label == 0}
+    for user, _, item, _ in rows:
+        assert item.startswith("B") and (int(user[1:]), int(item[1:])) not in train
+    scores = [float(r[3]) for r in rows[:5]]
+    assert scores == sorted(scores, reverse=True)
+    (tmp_path / "bad.txt").write_text("U3\nnobody\n")
+    bad = _main("recommend", str(run), "--users", str(tmp_path / "bad.txt"))
+    assert bad.returncode == 2 and "'nobody'" in bad.stderr and "u_id_mapping.csv" in bad.stderr
