@@ -95,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "results":  # light: reads the store without loading torch, also while runs go on
+        from mmrec.results import show_results
+
+        try:
+            print(show_results(args.folder))
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.command in ("train", "grid") and args.resume is None and (args.model is None or args.dataset is None):
         parser.error("the following arguments are required: -m/--model, -d/--dataset (or --resume DIR)")
 
@@ -126,9 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from mmrec import quick_start
 
-        if args.command == "results":
-            print(quick_start.show_results(args.folder))
-            return 0
         if args.command == "recommend":
             print(quick_start.recommend_from_run(args.run_dir, args.k, args.users, args.out))
             return 0

@@ -29,7 +29,7 @@ from mmrec.data.dataset import MODALITIES, check_available
 from mmrec.registry import canonical_name, get_model
 from mmrec.executor import Job, pending_jobs, run_jobs
 from mmrec.results import (STORE_NAME, TABLE_METRICS, ResultStore, compare_table, config_hash, grid_ranking,
-                           run_record, table_json, to_markdown, write_tables)
+                           run_record, table_json, write_tables)
 from mmrec.trainer import Trainer, init_seed, reset_peak_memory
 
 log = logging.getLogger("mmrec")
@@ -387,22 +387,6 @@ def compare(models: list[str], datasets: list[str] | str, seeds: list[int] | Non
     result = table_json(table, records)
     result["result_path"] = str(out / "compare.json")
     return result
-
-
-def show_results(folder: Path) -> str:
-    """The tables of a comparison or a grid folder from its results store (also while it runs)."""
-    try:
-        store = ResultStore(folder, readonly=True)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from None
-    records = store.records()
-    parts = []
-    if any(r.get("kind") == "compare" for r in records):
-        parts.append(to_markdown(compare_table(records, efficiency=True)))
-    ranking = grid_ranking(records)
-    if ranking:
-        parts.append(ranking)
-    return "\n\n".join(parts) if parts else f"{folder}: no finished runs yet"
 
 
 def _id_mapping(folder: Path, file_name: str, internal: str) -> dict[int, str] | None:

@@ -253,3 +253,15 @@ def write_tables(out: Path, table: dict, records: list[dict]) -> str:
     (out / "compare.tex").write_text(to_latex(table) + "\n")
     (out / "compare.json").write_text(json.dumps(table_json(table, records), indent=1, default=str) + "\n")
     return md
+
+
+def show_results(folder: Path) -> str:
+    """The tables of a comparison or a grid folder from its results store (also while it runs)."""
+    records = ResultStore(folder, readonly=True).records()
+    parts = []
+    if any(r.get("kind") == "compare" for r in records):
+        parts.append(to_markdown(compare_table(records, efficiency=True)))
+    ranking = grid_ranking(records)
+    if ranking:
+        parts.append(ranking)
+    return "\n\n".join(parts) if parts else f"{folder}: no finished runs yet"

@@ -35,14 +35,15 @@ def _stored(folder: Path) -> list[dict]:
     return json.loads(out.stdout) if out.returncode == 0 else []
 
 
-def _kill_when(proc, path_glob: str, folder: Path, timeout: float = 240) -> None:
+def _kill_when(proc, path_glob: str, folder: Path, timeout: float = 240, kill: bool = True) -> None:
     """SIGKILL the run as soon as a file matching ``path_glob`` appears under ``folder`` (a later job has
     begun training), i.e. mid-way through the comparison or grid."""
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
         if any(folder.glob(path_glob)):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            if kill:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
             return
         time.sleep(0.05)
     raise AssertionError(f"{path_glob} never appeared before the run ended: {proc.stderr.read() if proc.stderr else ''}")
@@ -50,10 +51,15 @@ def _kill_when(proc, path_glob: str, folder: Path, timeout: float = 240) -> None
 
 def test_compare_killed_and_rerun_holds_every_run_once_and_writes_every_format(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "-m", "BPR,LightGCN", "-d", "tiny", "--splits", "2", "--set", "epochs=30",
-            "--set", "stopping_step=30", *_data(tmp_path), "--out", str(out)]
+    args = ["compare", "-m", "BPR,LightGCN", "-d", "tiny", "--splits", "2", "--set", "epochs=60",
+            "--set", "stopping_step=60", *_data(tmp_path), "--out", str(out)]
     proc = _main(*args, wait=False)
-    _kill_when(proc, "tiny/BPR-split672/last.pth", out)  # the second run has begun
+    _kill_when(proc, "tiny/BPR-split672/last.pth", out, kill=False)  # the first run is stored
+    live = _main("results", str(out))  # read while the comparison goes on
+    assert live.returncode == 0 and "| BPR |" in live.stdout, live.stderr
+    assert proc.poll() is None, "the comparison ended before it could be killed: give its runs more epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     first = _stored(out)
     assert len(first) < 4
     done = _main(*args)
