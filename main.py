@@ -8,7 +8,8 @@
     python main.py results saved/compare-...              # the table of a comparison or grid, also while it runs
     python main.py recommend saved/MAGNET-baby-... --k 50  # top-K lists with scores from best.pth
     python main.py show -m FREEDOM -d baby                 # the resolved configuration
-    python main.py prepare mini                            # generate a synthetic dataset / check a real one
+    python main.py check -d baby                           # a dataset in full: statistics and every problem
+    python main.py prepare mini                            # generate a synthetic dataset / load a real one
     python main.py models                                  # list the registered models
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-COMMANDS = ("train", "grid", "compare", "results", "recommend", "show", "prepare", "models")
+COMMANDS = ("train", "grid", "compare", "results", "recommend", "check", "show", "prepare", "models")
 
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -79,11 +80,67 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print the resolved configuration")
     _common(p)
     p.add_argument("--grid", action="store_true")
-    p = sub.add_parser("prepare", help="generate a synthetic dataset preset or validate a dataset")
-    p.add_argument("dataset")
+    p = sub.add_parser("check", help="check a dataset in full: Table 2 statistics and every problem")
+    p.add_argument("-d", "--dataset", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("prepare", help="generate a synthetic preset, load a dataset, or build one from the raw "
+                                       "Amazon files (prepare amazon --reviews ... --out data/NAME)")
+    p.add_argument("dataset", help="a dataset name, or amazon")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--reviews", type=Path, help="amazon: reviews_<Category>_5.json.gz (JSON lines)")
+    p.add_argument("--meta", type=Path, help="amazon: meta_<Category>.json.gz (Python dict literals)")
+    p.add_argument("--image-features", type=Path, help="amazon: image_features_<Category>.b (ASIN + 4096 float32)")
+    p.add_argument("--out", type=Path, help="amazon: the dataset folder to write, e.g. data/baby2")
+    p.add_argument("--text-model", default="sentence-transformers/all-MiniLM-L6-v2",
+                   help="amazon: sentence-transformers model name or local path for text features, none, or "
+                        "hash:D (a bag-of-words stand-in for smoke tests, not for results)")
+    p.add_argument("--k-core", type=int, default=5, help="amazon: minimum interactions per user and item")
+    p.add_argument("--split-seed", type=int, default=999, help="amazon: seed of the per-user 8:1:1 split")
     sub.add_parser("models", help="list the registered models")
     return ap
+
+
+def _prepare_amazon(args) -> int:
+    """prepare amazon: the raw files to data/NAME/ (and configs/dataset/NAME.yaml when absent), then check."""
+    import shutil
+
+    from mmrec.config import ConfigError, load_config
+    from mmrec.data.check import main_check
+    from utils.amazon import prepare_amazon, text_encoder
+
+    if args.reviews is None or args.out is None:
+        raise ConfigError("prepare amazon needs --reviews FILE and --out data/NAME (and --meta, --image-features)")
+    for flag, path in (("--reviews", args.reviews), ("--meta", args.meta), ("--image-features", args.image_features)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if args.k_core < 1:
+        raise ConfigError(f"--k-core {args.k_core}: expected an integer >= 1")
+    encoder = None
+    if str(args.text_model).lower() != "none":
+        if args.meta is None:
+            raise ConfigError("text features need --meta FILE (or --text-model none)")
+        try:
+            encoder = text_encoder(args.text_model)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+    try:
+        report = prepare_amazon(args.reviews, args.meta, args.image_features, args.out, encoder, args.k_core,
+                                args.split_seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(" ".join(f"{k}={v}" for k, v in report.items()))
+    name = args.out.name
+    target = ROOT / "configs" / "dataset" / f"{name}.yaml"
+    sets = [f"data_path={args.out.resolve().parent}"]
+    missing = [k for k, present in (("vision_feature_file", args.image_features), ("text_feature_file", encoder))
+               if present is None]
+    if missing and not target.exists():  # other than the default file names: the loader must be told
+        shutil.copyfile(args.out / f"{name}.yaml", target)
+        print(f"wrote {target.relative_to(ROOT)} (no {' and no '.join(missing)})")
+    sets += [f"{k}=null" for k in missing]
+    config = load_config("BPR", name, sets)
+    config["model"] = None
+    return main_check(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                 doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
                 print(f"{name:14s} {doc[0] if doc else ''}")
             return 0
+        if args.command == "check":
+            from mmrec.data.check import main_check
+
+            config = load_config("BPR", args.dataset, sets)
+            config["model"] = None  # every configured feature file is checked
+            return main_check(config)
+        if args.command == "prepare" and args.dataset == "amazon":
+            return _prepare_amazon(args)
         if args.command == "prepare":
             config = load_config("BPR", args.dataset, sets)
             config["model"] = None  # not an ID-only model: check and load every configured feature file

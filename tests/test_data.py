@@ -175,3 +175,45 @@ def test_an_unknown_dataset_name_lists_what_exists(tmp_path):
         RecDataset(_config(tmp_path, dataset="bookz"))
     msg = str(err.value)
     assert "books, toys" in msg and "mini" in msg and "baby" in msg
+
+
+def test_check_lists_every_problem_in_one_run(tmp_path):
+    """`check` on corrupted copies of a generated dataset: each problem reported, all at once, exit 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def check(name):
+        return subprocess.run([sys.executable, str(root / "main.py"), "check", "-d", name, "--set",
+                               f"data_path={tmp_path}"], capture_output=True, text=True, cwd=root, timeout=120)
+
+    ok = check("tiny")  # generated on first use
+    assert ok.returncode == 0 and "OK: usable" in ok.stdout and "users 200" in ok.stdout, ok.stdout + ok.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "tiny", bad)
+    (bad / "tiny.inter").rename(bad / "bad.inter")
+    lines = (bad / "bad.inter").read_text().splitlines()
+    header, rows = lines[0], [r.split("\t") for r in lines[1:]]
+    train = [r for r in rows if r[4] == "0"]
+    test = [r for r in rows if r[4] == "2"]
+    rows[5][4] = "3"                                   # x_label 3
+    rows.append(list(train[0]))                        # a duplicated training pair
+    rows.append(train[1][:4] + ["2"])                  # the same pair in train and test
+    (bad / "bad.inter").write_text("\n".join([header] + ["\t".join(r) for r in rows]) + "\n")
+    image = np.load(bad / "image_feat.npy")
+    np.save(bad / "image_feat.npy", image[:-1])        # one row short
+    text = np.load(bad / "text_feat.npy")
+    text[7, 3] = np.nan
+    np.save(bad / "text_feat.npy", text)
+    res = check("bad")
+    out = res.stdout
+    assert res.returncode == 2 and "5 problem(s)" in out, out
+    for needle in ("outside 0/1/2", "duplicate (user, item) rows", "appear in both train and test",
+                   "119 rows but the interaction file has 120 items", "NaN or infinite values, first row 7"):
+        assert needle in out, needle
+    assert len(test) > 0
+    (bad / "bad.inter").write_text("user\titemID\trating\ttimestamp\tx_label\n0\t1\t5\t0\t0\n")
+    res = check("bad")
+    assert res.returncode == 2 and "missing column 'userID'" in res.stdout and "Traceback" not in res.stderr

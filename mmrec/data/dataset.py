@@ -121,80 +121,15 @@ class RecDataset:
 
     # ------------------------------------------------------------------------------------------
     def _read_inter(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        cfg = self.config
-        sep = cfg.get("field_separator", "\t")
-        with open(path) as fh:
-            first = fh.readline()
-        if not first.strip():
-            raise DataError(f"{path} is empty: expected a header line (userID, itemID, x_label, ... separated by "
-                            f"field_separator) and one row per interaction")
-        header = first.rstrip("\n").split(sep)
-        need = [cfg["USER_ID_FIELD"], cfg["ITEM_ID_FIELD"]]
-        if cfg.get("split", "x_label") == "x_label":
-            need.append(cfg["inter_splitting_label"])
-        missing = [c for c in need if c not in header]
-        if missing:
-            where = (f"configs/dataset/{self.name}.yaml" if (CONFIG_DIR / "dataset" / f"{self.name}.yaml").exists()
-                     else f"a new configs/dataset/{self.name}.yaml or with --set")
-            raise DataError(f"{path}: missing column {missing[0]!r} (header has {header}); "
-                            f"fix the header or set USER_ID_FIELD / ITEM_ID_FIELD / inter_splitting_label "
-                            f"in {where}")
-        cols = [header.index(c) for c in need]
-        try:
-            raw = np.loadtxt(path, delimiter=sep, skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
-        except ValueError as err:
-            raise DataError(self._locate_bad_value(path, sep, need, cols)) from err
-        if raw.shape[0] == 0:
-            raise DataError(f"{path}: no interactions after the header")
-        for j, name in enumerate(need):
-            col = raw[:, j]
-            bad = np.flatnonzero((col != np.floor(col)) | (col < 0))
-            if bad.size:
-                raise DataError(f"{path}: column {name!r} row {bad[0] + 2} has {col[bad[0]]!r}; ids and "
-                                "labels must be non-negative integers (re-index ids to 0..n-1)")
-        users = raw[:, 0].astype(np.int64)
-        items = raw[:, 1].astype(np.int64)
-        if len(need) == 3:
-            labels = raw[:, 2].astype(np.int64)
-            bad = np.flatnonzero(labels > 2)
-            if bad.size:
-                raise DataError(f"{path}: column {need[2]!r} row {bad[0] + 2} is {labels[bad[0]]}; "
-                                "x_label must be 0 (train), 1 (valid) or 2 (test)")
-        else:
-            labels = np.zeros_like(users)
-        return users, items, labels
-
-    @staticmethod
-    def _locate_bad_value(path: Path, sep: str, names: list[str], cols: list[int]) -> str:
-        """Error path only: find the first line whose field is not an integer."""
-        with open(path) as fh:
-            next(fh)
-            for line_no, line in enumerate(fh, start=2):
-                fields = line.rstrip("\n").split(sep)
-                for name, c in zip(names, cols):
-                    value = fields[c] if c < len(fields) else ""
-                    try:
-                        int(value)
-                    except ValueError:
-                        return (f"{path}: column {name!r} row {line_no} has {value!r}, not an integer; ids "
-                                "must be 0-based integers and x_label 0/1/2")
-        return f"{path}: could not parse columns {names} as integers"
+        return read_interactions(path, self.config)
 
     def _build_splits(self, path: Path, users, items, labels) -> None:
-        names = {0: "train", 1: "valid", 2: "test"}
-        for lab, split_name in names.items():
-            sel = labels == lab
-            keys = users[sel] * self.n_items + items[sel]
-            uniq, counts = np.unique(keys, return_counts=True)
-            dup = np.flatnonzero(counts > 1)
-            if dup.size:
-                k = uniq[dup[0]]
-                raise DataError(f"{path}: the {split_name} split has {int((counts[dup] - 1).sum())} "
-                                f"duplicate (user, item) rows, first ({k // self.n_items}, {k % self.n_items}); "
-                                "de-duplicate the file before use")
+        problems = interaction_problems(path, users, items, labels, self.config.get("inter_splitting_label", "x_label"))
+        if problems:
+            more = (f" (and {len(problems) - 1} more problem(s): python main.py check -d {self.name} lists them all)"
+                    if len(problems) > 1 else "")
+            raise DataError(problems[0] + more)
         train = labels == 0
-        if not train.any():
-            raise DataError(f"{path}: no training interactions (x_label 0)")
         self.train_users = users[train]
         self.train_items = items[train]
         shape = (self.n_users, self.n_items)
@@ -207,12 +142,6 @@ class RecDataset:
                 warm = has_train[u]
                 u, i = u[warm], i[warm]
             setattr(self, f"{split_name}_matrix", self._csr(u, i, shape))
-        # a (user, item) pair in two splits would leak
-        for split_name in ("valid", "test"):
-            overlap = self.train_matrix.multiply(getattr(self, f"{split_name}_matrix")).nnz
-            if overlap:
-                raise DataError(f"{path}: {overlap} (user, item) pairs appear in both train and "
-                                f"{split_name}; each interaction must have one x_label")
         self.n_train = int(self.train_users.shape[0])
 
     @staticmethod
@@ -220,21 +149,9 @@ class RecDataset:
         return sp.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=shape)
 
     def _read_features(self, path: Path, modality: str) -> np.ndarray:
-        try:
-            feats = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise DataError(f"{path}: not a readable .npy array ({err})") from err
-        if feats.ndim != 2:
-            raise DataError(f"{path}: expected a 2-d array (items x dims), got shape {feats.shape}")
-        if feats.shape[0] != self.n_items:
-            raise DataError(f"{path}: {feats.shape[0]} rows but the interaction file has {self.n_items} "
-                            "items (max itemID + 1); row i must hold item i's features")
-        feats = np.array(feats, dtype=np.float32)
-        finite = np.isfinite(feats)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite.all(axis=1))[0])
-            raise DataError(f"{path}: row {row} (item {row}) has NaN or infinite values; "
-                            "impute or zero them before use")
+        feats, problems, _ = read_features(path, self.n_items)
+        if problems:
+            raise DataError(problems[0])
         return feats
 
     # ------------------------------------------------------------------------------------------
@@ -281,6 +198,118 @@ def _model_uses_features(config) -> bool:
         return bool(getattr(get_model(str(name)), "uses_features", True))
     except RegistryError:
         return True
+
+
+def read_interactions(path: Path, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, x_label) of an .inter file; a DataError naming the row when the header or a value is wrong."""
+    sep = cfg.get("field_separator", "\t")
+    with open(path) as fh:
+        first = fh.readline()
+    if not first.strip():
+        raise DataError(f"{path} is empty: expected a header line (userID, itemID, x_label, ... separated by "
+                        f"field_separator) and one row per interaction")
+    header = first.rstrip("\n").split(sep)
+    need = [cfg["USER_ID_FIELD"], cfg["ITEM_ID_FIELD"]]
+    if cfg.get("split", "x_label") == "x_label":
+        need.append(cfg["inter_splitting_label"])
+    missing = [c for c in need if c not in header]
+    if missing:
+        name = cfg["dataset"]
+        where = (f"configs/dataset/{name}.yaml" if (CONFIG_DIR / "dataset" / f"{name}.yaml").exists()
+                 else f"a new configs/dataset/{name}.yaml or with --set")
+        raise DataError(f"{path}: missing column {missing[0]!r} (header has {header}); "
+                        f"fix the header or set USER_ID_FIELD / ITEM_ID_FIELD / inter_splitting_label "
+                        f"in {where}")
+    cols = [header.index(c) for c in need]
+    try:
+        raw = np.loadtxt(path, delimiter=sep, skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise DataError(_locate_bad_value(path, sep, need, cols)) from err
+    if raw.shape[0] == 0:
+        raise DataError(f"{path}: no interactions after the header")
+    for j, name in enumerate(need):
+        col = raw[:, j]
+        bad = np.flatnonzero((col != np.floor(col)) | (col < 0))
+        if bad.size:
+            raise DataError(f"{path}: column {name!r} row {bad[0] + 2} has {col[bad[0]]!r}; ids and "
+                            "labels must be non-negative integers (re-index ids to 0..n-1)")
+    users = raw[:, 0].astype(np.int64)
+    items = raw[:, 1].astype(np.int64)
+    if len(need) == 3:
+        labels = raw[:, 2].astype(np.int64)
+    else:
+        labels = np.zeros_like(users)
+    return users, items, labels
+
+
+def _locate_bad_value(path: Path, sep: str, names: list[str], cols: list[int]) -> str:
+    """Error path only: find the first line whose field is not an integer."""
+    with open(path) as fh:
+        next(fh)
+        for line_no, line in enumerate(fh, start=2):
+            fields = line.rstrip("\n").split(sep)
+            for name, c in zip(names, cols):
+                value = fields[c] if c < len(fields) else ""
+                try:
+                    int(value)
+                except ValueError:
+                    return (f"{path}: column {name!r} row {line_no} has {value!r}, not an integer; ids "
+                            "must be 0-based integers and x_label 0/1/2")
+    return f"{path}: could not parse columns {names} as integers"
+
+
+def interaction_problems(path: Path, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
+                         label_name: str = "x_label") -> list[str]:
+    """Every problem of an interaction table that would make a run wrong, each naming the file and the fix:
+    labels outside 0/1/2, duplicated (user, item) rows within a split, no training rows, and a pair in two
+    splits (a leak)."""
+    problems = []
+    bad = np.flatnonzero((labels < 0) | (labels > 2))
+    if bad.size:
+        problems.append(f"{path}: column {label_name!r} has {bad.size} value(s) outside 0/1/2, first row "
+                        f"{bad[0] + 2} = {labels[bad[0]]}; x_label must be 0 (train), 1 (valid) or 2 (test)")
+    n_items = int(items.max()) + 1 if items.size else 1
+    keys = users * n_items + items
+    first_split: dict[int, int] = {}
+    for lab, split_name in ((0, "train"), (1, "valid"), (2, "test")):
+        uniq, counts = np.unique(keys[labels == lab], return_counts=True)
+        dup = np.flatnonzero(counts > 1)
+        if dup.size:
+            k = uniq[dup[0]]
+            problems.append(f"{path}: the {split_name} split has {int((counts[dup] - 1).sum())} duplicate "
+                            f"(user, item) rows, first ({k // n_items}, {k % n_items}); de-duplicate the file")
+        first_split[lab] = uniq
+    if not (labels == 0).any():
+        problems.append(f"{path}: no training interactions (x_label 0); label most rows 0")
+    for lab, split_name in ((1, "valid"), (2, "test")):
+        both = np.intersect1d(first_split[0], first_split[lab], assume_unique=True)
+        if both.size:
+            problems.append(f"{path}: {both.size} (user, item) pairs appear in both train and {split_name}, first "
+                            f"({both[0] // n_items}, {both[0] % n_items}); each interaction must have one x_label")
+    return problems
+
+
+def read_features(path: Path, n_items: int | None) -> tuple[np.ndarray | None, list[str], dict]:
+    """A feature file as float32 [n_items, dim], with every problem (unreadable, not 2-d, a row count other
+    than the number of items, NaN or infinite rows) and its statistics (shape, dtype, all-zero rows)."""
+    try:
+        raw = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as err:
+        return None, [f"{path}: not a readable .npy array ({err}); save it with numpy.save"], {}
+    stats = {"shape": list(raw.shape), "dtype": str(raw.dtype)}
+    if raw.ndim != 2:
+        return None, [f"{path}: expected a 2-d array (items x dims), got shape {raw.shape}"], stats
+    problems = []
+    if n_items is not None and raw.shape[0] != n_items:
+        problems.append(f"{path}: {raw.shape[0]} rows but the interaction file has {n_items} items (max itemID + 1); "
+                        "row i must hold item i's features")
+    feats = np.array(raw, dtype=np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+    if bad_rows.size:
+        problems.append(f"{path}: {bad_rows.size} row(s) have NaN or infinite values, first row {bad_rows[0]} "
+                        f"(item {bad_rows[0]}); impute or zero them before use")
+    stats["all_zero_rows"] = int((~feats.any(axis=1)).sum()) if not bad_rows.size else None
+    return feats, problems, stats
 
 
 def _check_files(folder: Path, config) -> tuple[Path, dict[str, Path]]:
