@@ -115,3 +115,17 @@ def test_prepare_amazon_command_ends_with_a_passing_check(tmp_path):
     assert np.load(tmp_path / "data" / "amz_cli" / "text_feat.npy").shape == (15, 8)
     vec = hashing_encoder(8)(["a b", ""])
     assert vec[0].sum() > 0 and np.linalg.norm(vec[0]) == pytest.approx(1.0) and not vec[1].any()
+
+
+def test_minilm_text_features_from_a_local_model_folder(tmp_path):
+    """The offline MiniLM package (MMRec's 384-d text encoder): a local folder, so no network is tried."""
+    minilm = pytest.importorskip("all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from utils.amazon import text_encoder
+
+    folder = minilm.extract_model(str(tmp_path))
+    vecs = text_encoder(str(folder))(["baby bottle with a soft nipple", "feeding bottle for infants",
+                                      "steel hammer for nails"])
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.2
