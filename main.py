@@ -7,6 +7,9 @@
     python main.py compare -m BPR,LightGCN,MAGNET -d mini,mid_synth --seeds 999,1,2   (or --splits 5)
     python main.py results saved/compare-...              # the table of a comparison or grid, also while it runs
     python main.py recommend saved/MAGNET-baby-... --k 50  # top-K lists with scores from best.pth
+    python main.py analyse saved/MAGNET-mini-...          # routing profile and dynamics (JSON + PNG)
+    python main.py explain saved/MAGNET-mini-... --user 3 # why these items: per-pair routing mass
+    python main.py plot RUN_DIR [RUN_DIR ...]              # learning curves of any runs
     python main.py show -m FREEDOM -d baby                 # the resolved configuration
     python main.py check -d baby                           # a dataset in full: statistics and every problem
     python main.py prepare mini                            # generate a synthetic dataset / load a real one
@@ -21,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-COMMANDS = ("train", "grid", "compare", "results", "recommend", "check", "show", "prepare", "models")
+COMMANDS = ("train", "grid", "compare", "results", "recommend", "analyse", "explain", "plot", "check", "show",
+            "prepare", "models")
 
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -80,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print the resolved configuration")
     _common(p)
     p.add_argument("--grid", action="store_true")
+    p = sub.add_parser("analyse", help="routing profile, reliance, families and dynamics of a routed run (PNG + JSON);"
+                                       " --dv RUN --sv RUN: the DV-over-SV gain by visibility and activity bucket")
+    p.add_argument("run_dir", type=Path, nargs="?")
+    p.add_argument("--dv", type=Path, help="a MAGNET-DV run folder (with --sv)")
+    p.add_argument("--sv", type=Path, help="a MAGNET-SV run folder on the same dataset and split")
+    p.add_argument("--out", type=Path, help="folder for analysis.json and the figures (default RUN_DIR/analysis)")
+    p = sub.add_parser("explain", help="why the user's top items: per-pair routing mass (table + heatmap)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--user", required=True, help="a user id (original id when the dataset maps ids)")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--item", help="explain this item for the user instead of the top-K")
+    p = sub.add_parser("plot", help="learning curves of any runs, overlaid (PNG)")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="folder for the figures (default FIRST_RUN/plots)")
     p = sub.add_parser("check", help="check a dataset in full: Table 2 statistics and every problem")
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -200,6 +218,28 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from mmrec import quick_start
 
+        if args.command in ("analyse", "explain", "plot"):
+            from mmrec import diagnostics
+
+            try:
+                if args.command == "analyse" and (args.dv or args.sv):
+                    if not (args.dv and args.sv):
+                        raise ConfigError("analyse --dv RUN_DV needs --sv RUN_SV (and the other way round)")
+                    print(diagnostics.dv_sv_gain(args.dv, args.sv, args.out))
+                elif args.command == "analyse":
+                    if args.run_dir is None:
+                        raise ConfigError("analyse needs RUN_DIR (or --dv RUN_DV --sv RUN_SV)")
+                    print(diagnostics.analyse_run(args.run_dir, args.out))
+                elif args.command == "explain":
+                    table, figure = diagnostics.explain_run(args.run_dir, args.user, args.topk, args.item)
+                    print(table)
+                    print(figure)
+                else:
+                    for path in diagnostics.plot_runs(args.run_dirs, args.out):
+                        print(path)
+            except ImportError as err:  # matplotlib, an optional extra
+                raise ConfigError(str(err)) from None
+            return 0
         if args.command == "recommend":
             print(quick_start.recommend_from_run(args.run_dir, args.k, args.users, args.out))
             return 0

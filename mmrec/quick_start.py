@@ -408,41 +408,60 @@ def _id_mapping(folder: Path, file_name: str, internal: str) -> dict[int, str] |
         return {int(row[internal]): row[original] for row in reader}
 
 
-def recommend_from_run(run_dir: Path, k: int = 50, users_file: Path | None = None, out_file: Path | None = None) -> Path:
-    """Top-``k`` lists with scores from a run's best.pth, training items excluded, for every user or the
-    users listed in ``users_file`` (one id per line, the dataset's original ids when it has MMRec's id
-    mapping files, else the internal ones).  Written as TSV: user, rank, item, score."""
-    from mmrec.evaluation import recommend
-
+def load_trained(run_dir: Path):
+    """(config, dataset, model with best.pth's weights) of a finished run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists() or not (run_dir / "best.pth").exists():
         raise ConfigError(f"{run_dir}: expected a finished run folder with config.yaml and best.pth")
-    if k < 1:
-        raise ConfigError(f"--k {k}: expected an integer >= 1")
     config = Config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     config["device"] = resolve_device(config)
     dataset = RecDataset(config)
     model = get_model(config["model"])(config, dataset).to(config["device"])
     state = torch.load(run_dir / "best.pth", map_location=config["device"], weights_only=False)
     model.load_state_dict(state["model"])
-    users_map = _id_mapping(dataset.folder, "u_id_mapping.csv", config["USER_ID_FIELD"])
-    items_map = _id_mapping(dataset.folder, "i_id_mapping.csv", config["ITEM_ID_FIELD"])
+    model.eval()
+    return config, dataset, model
+
+
+def id_maps(dataset) -> tuple[dict[int, str] | None, dict[int, str] | None]:
+    """(users, items) internal id -> original id from MMRec's mapping files, or None where absent."""
+    cfg = dataset.config
+    return (_id_mapping(dataset.folder, "u_id_mapping.csv", cfg["USER_ID_FIELD"]),
+            _id_mapping(dataset.folder, "i_id_mapping.csv", cfg["ITEM_ID_FIELD"]))
+
+
+def internal_ids(wanted: list[str], mapping: dict[int, str] | None, n: int, where: str, kind: str) -> list[int]:
+    """Original ids (through ``mapping``) or internal ones (without) -> internal ids; unknown ones named."""
+    lookup = {v: u for u, v in mapping.items()} if mapping else None
+    found, unknown = [], []
+    for w in wanted:
+        u = lookup.get(w) if lookup else (int(w) if w.isdigit() else None)
+        if u is None or not 0 <= u < n:
+            unknown.append(w)
+        else:
+            found.append(u)
+    if unknown:
+        source = f"original ids from {kind[0]}_id_mapping.csv" if lookup else f"internal ids 0..{n - 1}"
+        raise DataError(f"{where}: {len(unknown)} {kind} id(s) not in the dataset, e.g. {unknown[0]!r} ({source})")
+    return found
+
+
+def recommend_from_run(run_dir: Path, k: int = 50, users_file: Path | None = None, out_file: Path | None = None) -> Path:
+    """Top-``k`` lists with scores from a run's best.pth, training items excluded, for every user or the
+    users listed in ``users_file`` (one id per line, the dataset's original ids when it has MMRec's id
+    mapping files, else the internal ones).  Written as TSV: user, rank, item, score."""
+    from mmrec.evaluation import recommend
+
+    if k < 1:
+        raise ConfigError(f"--k {k}: expected an integer >= 1")
+    config, dataset, model = load_trained(run_dir)
+    run_dir = Path(run_dir)
+    users_map, items_map = id_maps(dataset)
     if users_file is None:
         users = np.arange(dataset.n_users)
     else:
         wanted = [line.strip() for line in Path(users_file).read_text().splitlines() if line.strip()]
-        lookup = {v: u for u, v in users_map.items()} if users_map else None
-        users, unknown = [], []
-        for w in wanted:
-            u = lookup.get(w) if lookup else (int(w) if w.isdigit() else None)
-            if u is None or not 0 <= u < dataset.n_users:
-                unknown.append(w)
-            else:
-                users.append(u)
-        if unknown:
-            raise DataError(f"{users_file}: {len(unknown)} user id(s) not in {config['dataset']}, e.g. {unknown[0]!r} "
-                            f"({'original ids from u_id_mapping.csv' if lookup else f'internal ids 0..{dataset.n_users - 1}'})")
-        users = np.asarray(users, dtype=np.int64)
+        users = np.asarray(internal_ids(wanted, users_map, dataset.n_users, f"{users_file}", "user"), dtype=np.int64)
     items, scores = recommend(model, dataset, users, k, int(config["eval_batch_size"]))
     out = Path(out_file) if out_file else run_dir / f"recommendations_top{k}.tsv"
     name_u = (lambda u: users_map.get(int(u), str(u))) if users_map else str

@@ -611,6 +611,21 @@ class MAGNET(GeneralRecommender):
         s = (gates.unsqueeze(-1) * s_experts).sum(1)  # Eq. 20
         return s @ self.score_vector, pi, gates  # Eq. 21
 
+    @torch.no_grad()
+    def routing_probabilities(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """Dense pi_ui (Eq. 17, before Top-K) for aligned (user, item) pairs in evaluation mode, and the
+        expert names: the input of the routing diagnostics (Sec. 4.9, 5.3; ``main.py analyse / explain``)."""
+        if not self.use_moe:
+            raise ValueError("this run has moe: false, so there is no router to analyse")
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.cached("routing_tables", self.encode)["z_router"]
+            pi = torch.softmax(self.router.pair(z[users], z[self.n_users + items]), dim=-1)
+        finally:
+            self.train(was_training)
+        return pi, list(self.expert_names)
+
     def calculate_loss(self, interaction):
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         # the batch's own users and items (sorted), and each pair's position among them

@@ -1,0 +1,220 @@
+"""``analyse``, ``explain`` and ``plot``: what a trained run does, as JSON and figures.
+
+A model with a router exposes ``routing_probabilities(users, items) -> (pi [n, E], expert names)``
+(MAGNET); ``analyse`` and ``explain`` need it, ``plot`` works for every model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmrec import analysis
+from mmrec.config import ConfigError
+
+log = logging.getLogger("mmrec")
+
+
+def _routed(model, run_dir: Path) -> None:
+    if not hasattr(model, "routing_probabilities") or not getattr(model, "use_moe", True):
+        raise ConfigError(f"{run_dir}: {type(model).__name__} has no router (routing_probabilities), so there is "
+                          "nothing to analyse or explain; `plot` draws any run's learning curves")
+
+
+def _pairs_pi(model, users: np.ndarray, items: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, list[str]]:
+    """Dense routing rows for aligned pairs, in chunks, with one forward for the whole pass."""
+    device = getattr(model, "device", torch.device("cpu"))
+    rows, names = [], []
+    model.start_evaluation()
+    try:
+        for lo in range(0, len(users), chunk):
+            pi, names = model.routing_probabilities(torch.as_tensor(users[lo:lo + chunk], device=device),
+                                                    torch.as_tensor(items[lo:lo + chunk], device=device))
+            rows.append(pi.float().cpu().numpy())
+    finally:
+        model.end_evaluation()
+    return (np.concatenate(rows) if rows else np.zeros((0, 0))), names
+
+
+def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Routing profile on the test split's ground-truth pairs (Eqs. 33-34), modality reliance, family
+    composition, the per-epoch routing dynamics with the stage switch, and validation NDCG@20 against
+    cumulative training time with t95: ``analysis.json`` and PNGs in ``out`` (default RUN_DIR/analysis)."""
+    from mmrec.quick_start import load_trained
+
+    config, dataset, model = load_trained(run_dir)
+    _routed(model, run_dir)
+    out = Path(out) if out else Path(run_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    test = dataset.test_matrix.tocoo()
+    pi, names = _pairs_pi(model, test.row.astype(np.int64), test.col.astype(np.int64))
+    profile = analysis.routing_profile(pi, names)
+    result = json.loads((Path(run_dir) / "result.json").read_text()) if (Path(run_dir) / "result.json").exists() else {}
+    history = result.get("history") or []
+    report = {"run": str(run_dir), "model": config["model"], "dataset": config["dataset"], "split": "test",
+              "profile": profile}
+    figures = [
+        analysis.bar_figure(out / "expert_usage.png", names, profile["pi_bar"],
+                            f"Expert usage (mean dense routing, test pairs; N_eff {profile['n_eff']:.2f}, "
+                            f"HHI {profile['hhi']:.3f})", "mean routing probability", "expert"),
+        analysis.bar_figure(out / "modality_reliance.png", list(profile["modality_reliance"]),
+                            list(profile["modality_reliance"].values()),
+                            "Modality reliance (routing mass per anchor group)", "routing mass", "group"),
+        analysis.bar_figure(out / "family_composition.png", list(profile["family_composition"]),
+                            list(profile["family_composition"].values()),
+                            f"Family composition (Div {profile['div']:.3f})", "routing mass", "family")]
+    dyn_keys = [k for k in ("H~", "N_eff", "top1_share", "max_load", "signal") if any(k in r for r in history)]
+    if dyn_keys:
+        series = {}
+        for key in dyn_keys:
+            pts = [(r["epoch"], float(r[key])) for r in history if isinstance(r.get(key), (int, float))]
+            ys = np.array([p[1] for p in pts])
+            span = ys.max() - ys.min() if len(ys) else 0
+            series[f"{key} (normalised)"] = ([p[0] for p in pts], ((ys - ys.min()) / span if span else ys * 0).tolist())
+        switch = next((r["epoch"] for r in history if r.get("stage") == 2), None)
+        figures.append(analysis.curves_figure(out / "routing_dynamics.png", series,
+                                              "Routing dynamics per epoch (each curve scaled to [0, 1])", "epoch",
+                                              "normalised value", {"stage 2": switch} if switch is not None else None))
+        report["stage_switch_epoch"] = switch
+    metric = config.get("valid_metric", "ndcg@20")
+    pts = [(r["elapsed_seconds"], r["valid"][metric]) for r in history if "elapsed_seconds" in r and r.get("valid")]
+    if pts:
+        t95 = (result.get("efficiency") or {}).get("t95_seconds")
+        figures.append(analysis.curves_figure(out / "valid_vs_time.png", {f"valid {metric}": ([p[0] for p in pts],
+                                                                                          [p[1] for p in pts])},
+                                              f"Validation {metric} against training + evaluation time",
+                                              "cumulative seconds", metric, {"t95": t95} if t95 else None))
+    report["figures"] = [f.name for f in figures]
+    (out / "analysis.json").write_text(json.dumps(report, indent=1) + "\n")
+    return out / "analysis.json"
+
+
+def explain_run(run_dir: Path, user: str, topk: int = 10, item: str | None = None) -> tuple[str, Path]:
+    """The user's top-K items (or one given item) with each pair's 3x3 routing mass, marginals, top experts,
+    N_eff and HHI (Sec. 5.3); a printed table and a heatmap PNG of the first pair."""
+    from mmrec.evaluation import recommend
+    from mmrec.quick_start import id_maps, internal_ids, load_trained
+
+    if topk < 1:
+        raise ConfigError(f"--topk {topk}: expected an integer >= 1")
+    config, dataset, model = load_trained(run_dir)
+    _routed(model, run_dir)
+    users_map, items_map = id_maps(dataset)
+    u = internal_ids([str(user)], users_map, dataset.n_users, f"--user {user}", "user")[0]
+    if item is not None:
+        items = np.asarray(internal_ids([str(item)], items_map, dataset.n_items, f"--item {item}", "item"))
+        scores = None
+    else:
+        top_items, top_scores = recommend(model, dataset, np.array([u]), topk, 1)
+        items, scores = top_items[0], top_scores[0]
+    pi, names = _pairs_pi(model, np.full(len(items), u, dtype=np.int64), items.astype(np.int64))
+    name_i = (lambda i: items_map.get(int(i), str(i))) if items_map else str
+    lines = [f"user {user}: {'item ' + str(item) if item is not None else f'top {topk}'} "
+             f"({config['model']} on {config['dataset']}; routing mass: rows B/A/S, columns Dom/Bal/Com)",
+             "| rank | item | score | B | A | S | Dom | Bal | Com | top experts | N_eff | HHI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    explained = []
+    for rank, (i, p) in enumerate(zip(items, pi), 1):
+        att = analysis.pair_attribution(p, names)
+        explained.append({"item": name_i(i), "score": None if scores is None else float(scores[rank - 1]), **att})
+        mm, fm = att["modality_mass"], att["family_mass"]
+        tops = ", ".join(f"{n} {w:.2f}" for n, w in att["top_experts"])
+        score = "-" if scores is None else f"{scores[rank - 1]:.4f}"
+        lines.append(f"| {rank} | {name_i(i)} | {score} | {mm['B']:.2f} | {mm['A']:.2f} | {mm['S']:.2f} | "
+                     f"{fm['Dom']:.2f} | {fm['Bal']:.2f} | {fm['Com']:.2f} | {tops} | {att['n_eff']:.2f} | "
+                     f"{att['hhi']:.3f} |")
+    out = Path(run_dir) / "explain"
+    out.mkdir(exist_ok=True)
+    stem = f"user_{user}" + (f"_item_{item}" if item is not None else "")
+    (out / f"{stem}.json").write_text(json.dumps({"user": str(user), "pairs": explained}, indent=1) + "\n")
+    first = explained[0]
+    figure = analysis.heatmap_figure(out / f"{stem}.png", np.asarray(first["mass"]),
+                                     f"Routing mass, user {user} / item {first['item']}")
+    return "\n".join(lines), figure
+
+
+def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
+    """Learning curves of any runs, overlaid (loss parts and validation metrics per epoch)."""
+    runs = {}
+    for d in run_dirs:
+        path = Path(d) / "result.json"
+        if not path.exists():
+            raise ConfigError(f"{d}: no result.json (not a finished run folder)")
+        res = json.loads(path.read_text())
+        runs[f"{res.get('model', Path(d).name)} ({Path(d).name})"] = res
+    target = Path(out) if out else Path(run_dirs[0]) / "plots"
+    return analysis.learning_curves(runs, target)
+
+
+@torch.no_grad()
+def pair_ndcg(model, dataset, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, contribution) per test pair: 1/log2(rank + 1) when the item ranks within k of the
+    user's masked full ranking, else 0, divided by the user's IDCG@k (MAGNET.md Sec. 11's decision)."""
+    from mmrec.evaluation import _masked_scores
+
+    test = dataset.test_matrix.tocsr()
+    train = dataset.train_matrix.tocsr()
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    device = getattr(model, "device", torch.device("cpu"))
+    out_u, out_i, out_c = [], [], []
+    model.eval()
+    model.eval_split = "test"
+    model.start_evaluation()
+    try:
+        for lo in range(0, len(users), 1024):
+            block = users[lo:lo + 1024]
+            scores = _masked_scores(model, block, train, device).cpu()
+            for row, u in enumerate(block):
+                items = test.indices[test.indptr[u]:test.indptr[u + 1]]
+                ranks = 1 + (scores[row].unsqueeze(0) > scores[row, items].unsqueeze(1)).sum(1).numpy()
+                idcg = sum(1 / np.log2(r + 1) for r in range(1, min(len(items), k) + 1))
+                out_u.append(np.full(len(items), u))
+                out_i.append(items)
+                out_c.append(np.where(ranks <= k, 1 / np.log2(ranks + 1), 0.0) / idcg)
+    finally:
+        model.end_evaluation()
+        model.eval_split = None
+    return np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_c)
+
+
+def dv_sv_gain(dv_dir: Path, sv_dir: Path, out: Path | None = None) -> Path:
+    """Sec. 4.10: DV-over-SV relative NDCG@20 gain per visibility bucket (Easy / Medium / Hard, from
+    v(u, i) on the DV run's kNN lists) and per user-activity tercile (Head / Mid / Tail), with sizes."""
+    from mmrec import graph
+    from mmrec.quick_start import load_trained
+
+    cfg_dv, data_dv, model_dv = load_trained(dv_dir)
+    cfg_sv, data_sv, model_sv = load_trained(sv_dir)
+    if cfg_dv["dataset"] != cfg_sv["dataset"] or cfg_dv.get("split_seed") != cfg_sv.get("split_seed"):
+        raise ConfigError(f"--dv {dv_dir} and --sv {sv_dir} must be runs on the same dataset and split")
+    u, i, c_dv = pair_ndcg(model_dv, data_dv)
+    u2, i2, c_sv = pair_ndcg(model_sv, data_sv)
+    if not (np.array_equal(u, u2) and np.array_equal(i, i2)):
+        raise ConfigError("the two runs have different test pairs")
+    k = int(cfg_dv.get("knn_k", 10))
+    lists = {m: graph.cached_knn(data_dv, m, k, include_self=False)[0] for m in ("v", "t")}
+    train = data_dv.train_matrix.tocsr()
+    vis = np.array([analysis.visibility(set(train.indices[train.indptr[a]:train.indptr[a + 1]].tolist()),
+                                        lists["v"][b], lists["t"][b], k) for a, b in zip(u, i)])
+    buckets = np.array([analysis.visibility_bucket(v) for v in vis])
+    activity = analysis.activity_terciles(np.diff(train.indptr))[u]
+    report = {"dv": str(dv_dir), "sv": str(sv_dir), "dataset": cfg_dv["dataset"], "visibility": {}, "activity": {}}
+    for name, labels, order in (("visibility", buckets, ("Easy", "Medium", "Hard")),
+                                ("activity", activity, ("Head", "Mid", "Tail"))):
+        for b in order:
+            sel = labels == b
+            n_dv, n_sv = (float(c_dv[sel].mean()), float(c_sv[sel].mean())) if sel.any() else (0.0, 0.0)
+            report[name][b] = {"pairs": int(sel.sum()), "ndcg20_dv": n_dv, "ndcg20_sv": n_sv,
+                               "gain": analysis.relative_gain(n_dv, n_sv)}
+    out = Path(out) if out else Path(dv_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("visibility", "activity"):
+        rows = report[name]
+        analysis.bar_figure(out / f"dv_sv_gain_{name}.png", [f"{b} (n={r['pairs']})" for b, r in rows.items()],
+                            [100 * (r["gain"] or 0.0) for r in rows.values()],
+                            f"DV over SV: relative NDCG@20 gain by {name}", "gain (%)", f"{name} bucket")
+    (out / "dv_sv.json").write_text(json.dumps(report, indent=1) + "\n")
+    return out / "dv_sv.json"
