@@ -247,6 +247,7 @@ class MAGNET(GeneralRecommender):
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
         "candidate_score": ("in", ("pool_dense", "topk_sparse")), "induced_edge_weight": ("in", ("binary", "score")),
+        "induced_edge_scale": (">", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
@@ -398,7 +399,8 @@ class MAGNET(GeneralRecommender):
             return
         k, r = int(cfg["knn_k"]), int(cfg["expansion_r"])
         induced = cached_induced_edges(self.dataset, k, r, str(cfg["candidate_score"]))
-        aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]))
+        aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]),
+                               float(cfg["induced_edge_scale"]))
         self.adj_uig_cpu = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"))  # neighbour sampling reads it
         self.adj_uig = self.adj_uig_cpu.to(self.device)
         n_plus = int(induced["users"].size)

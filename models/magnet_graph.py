@@ -190,9 +190,11 @@ def cached_induced_edges(dataset, k: int, r: int, candidate_score: str) -> dict[
     return dataset.cache.get_or_build("magnet_induced_edges", key, build)
 
 
-def augmented_matrix(train: sp.spmatrix, induced: dict[str, np.ndarray], weight: str = "binary") -> sp.csr_matrix:
+def augmented_matrix(train: sp.spmatrix, induced: dict[str, np.ndarray], weight: str = "binary",
+                     scale: float = 1.0) -> sp.csr_matrix:
     """The user-item matrix of G_UIG: observed edges (1) plus E+ (1, or ``score``: c(u, j) divided by
-    the user's best kept score, clipped to [0, 1])."""
+    the user's best kept score, clipped to [0, 1]), times ``scale`` (``induced_edge_scale``; 1 = as the
+    paper, where induced edges weigh as much as observed ones)."""
     train = sp.csr_matrix(train, dtype=np.float32)
     users, items = induced["users"], induced["items"]
     if weight == "binary":
@@ -204,7 +206,7 @@ def augmented_matrix(train: sp.spmatrix, induced: dict[str, np.ndarray], weight:
         vals = np.clip(scores / np.where(best[users] > 0, best[users], 1.0), 0.0, 1.0).astype(np.float32)
     else:
         raise ValueError(f"unknown induced_edge_weight {weight!r}; use binary or score")
-    plus = sp.csr_matrix((vals, (users, items)), shape=train.shape)
+    plus = sp.csr_matrix((vals * np.float32(scale), (users, items)), shape=train.shape)
     return (train + plus).tocsr()
 
 

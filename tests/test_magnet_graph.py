@@ -167,3 +167,8 @@ def test_augmented_view_normalisation():
     assert adj[0, 2 + 0] == pytest.approx(1 / np.sqrt(2 * 1))
     scored = augmented_matrix(train, induced, "score").toarray()
     np.testing.assert_allclose(scored, [[1, 0, 1], [0, 1, 1]])
+    # induced_edge_scale: induced edges weigh 0.25, observed ones stay 1
+    light = augmented_matrix(train, induced, "binary", scale=0.25)
+    np.testing.assert_allclose(light.toarray(), [[1, 0, 0.25], [0, 1, 0.25]])
+    adj = graph.norm_adjacency(light, "sym").toarray()  # user 0 degree 1.25, item 2 degree 0.5
+    assert adj[0, 2 + 2] == pytest.approx(0.25 / np.sqrt(1.25 * 0.5))
