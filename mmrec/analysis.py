@@ -170,3 +170,26 @@ def learning_curves(runs: dict[str, dict], out: Path) -> list[Path]:
         paths.append(curves_figure(out / "valid_metrics.png", valid, "Validation metrics per epoch", "epoch",
                                    "metric"))
     return paths
+
+
+def compare_bars(table: dict, path: Path, metrics: tuple[str, ...] = ("recall@20", "ndcg@20")) -> Path:
+    """A comparison's table as grouped bars: one panel per metric, datasets on the axis, one bar per
+    model (mean over runs, sample std as the error bar)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+    models, datasets = table["models"], table["datasets"]
+    width = 0.8 / max(len(models), 1)
+    for ax, metric in zip(axes[0], metrics):
+        for j, model in enumerate(models):
+            cells = [table["cells"].get((ds, model), {}).get(metric, (np.nan, 0.0)) for ds in datasets]
+            ax.bar(np.arange(len(datasets)) + j * width, [c[0] for c in cells], width, yerr=[c[1] for c in cells],
+                   label=model, capsize=2)
+        ax.set_xticks(np.arange(len(datasets)) + width * (len(models) - 1) / 2, datasets)
+        ax.set_title(f"test {metric} (mean ± std over runs)")
+        ax.set_xlabel("dataset")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

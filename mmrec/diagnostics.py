@@ -79,6 +79,22 @@ def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
                                               "Routing dynamics per epoch (each curve scaled to [0, 1])", "epoch",
                                               "normalised value", {"stage 2": switch} if switch is not None else None))
         report["stage_switch_epoch"] = switch
+    trace_path = Path(run_dir) / "trace.jsonl"
+    if trace_path.exists():  # per-step statistics (MAGNET's routing_trace_every): Figs. 7-8
+        rows = [json.loads(line) for line in trace_path.read_text().splitlines() if line.strip()]
+        keys = ("H~", "N_eff", "top1_share", "top3_mass", "max_load", "top1_top2_gap", "hhi_norm")
+        steps = [r["step"] for r in rows]
+        series = {}
+        for key in keys:
+            ys = np.array([float(r[key]) for r in rows])
+            span = ys.max() - ys.min() if len(ys) else 0
+            series[key] = (steps, ((ys - ys.min()) / span if span else ys * 0).tolist())
+        switch = next((r["step"] for r in rows if r.get("stage") == 2), None)
+        figures.append(analysis.curves_figure(out / "routing_trace.png", series,
+                                              "Routing statistics per training step (each scaled to [0, 1])",
+                                              "training step", "normalised value",
+                                              {"stage 2": switch} if switch is not None else None))
+        report["trace_rows"] = len(rows)
     metric = config.get("valid_metric", "ndcg@20")
     pts = [(r["elapsed_seconds"], r["valid"][metric]) for r in history if "elapsed_seconds" in r and r.get("valid")]
     if pts:
@@ -137,16 +153,28 @@ def explain_run(run_dir: Path, user: str, topk: int = 10, item: str | None = Non
 
 
 def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
-    """Learning curves of any runs, overlaid (loss parts and validation metrics per epoch)."""
-    runs = {}
+    """Learning curves of any runs, overlaid (loss parts and validation metrics per epoch); a comparison
+    folder (with a results store) is drawn as grouped bars of its table."""
+    from mmrec.results import STORE_NAME, ResultStore, compare_table
+
+    runs, bars = {}, []
     for d in run_dirs:
+        if (Path(d) / STORE_NAME).exists():  # a comparison folder: its table as bars
+            table = compare_table(ResultStore(Path(d), readonly=True).records())
+            if table["models"]:
+                target = Path(out) if out else Path(d)
+                target.mkdir(parents=True, exist_ok=True)
+                bars.append(analysis.compare_bars(table, target / "compare_bars.png"))
+            continue
         path = Path(d) / "result.json"
         if not path.exists():
             raise ConfigError(f"{d}: no result.json (not a finished run folder)")
         res = json.loads(path.read_text())
         runs[f"{res.get('model', Path(d).name)} ({Path(d).name})"] = res
-    target = Path(out) if out else Path(run_dirs[0]) / "plots"
-    return analysis.learning_curves(runs, target)
+    if not runs:
+        return bars
+    target = Path(out) if out else Path(next(d for d in run_dirs if not (Path(d) / STORE_NAME).exists())) / "plots"
+    return bars + analysis.learning_curves(runs, target)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ class MyModel(GeneralRecommender):
     def post_epoch_processing(self) -> str | None             # optional, returned text is logged
     def epoch_stats(self) -> dict[str, float]                 # optional, logged per epoch
     def extra_results(self) -> dict                           # optional, stored in result.json
+    def drain_trace(self) -> list[dict]                       # optional, per-step rows -> trace.jsonl
 ```
 ``interaction`` is a dict with LongTensors ``users``, ``pos_items``, ``neg_items`` (training) or
 ``users`` (evaluation), already on the model's device.  A dict returned by ``calculate_loss`` holds
@@ -87,6 +88,10 @@ class AbstractRecommender(nn.Module):
 
     def extra_results(self) -> dict:
         return {}
+
+    def drain_trace(self) -> list[dict]:
+        """Per-step rows recorded since the last call (the trainer appends them to trace.jsonl each epoch)."""
+        return []
 
     # -- evaluation pass caching --------------------------------------------------------------
     def start_evaluation(self) -> None:

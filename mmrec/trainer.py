@@ -13,6 +13,7 @@ the weights of the best validation epoch.  A NaN or infinite loss stops the run 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -249,6 +250,7 @@ class Trainer:
             self.scheduler.step()
             note = self.model.post_epoch_processing()
             stats = self.model.epoch_stats()
+            self._append_trace(self.model.drain_trace())
             train_time = time.perf_counter() - t0
             self.train_times.append(train_time)
             elapsed = (self.history[-1].get("elapsed_seconds", 0.0) if self.history else 0.0) + train_time
@@ -304,6 +306,13 @@ class Trainer:
                 "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
                 "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history,
                 "efficiency": self.efficiency()}
+
+    def _append_trace(self, rows: list[dict]) -> None:
+        """A model's per-step rows (``drain_trace``), appended to trace.jsonl in the run folder each epoch."""
+        if rows and self.out_dir is not None:
+            with open(self.out_dir / "trace.jsonl", "a") as fh:
+                for row in rows:
+                    fh.write(json.dumps({"epoch": self.epoch, **row}) + "\n")
 
     def efficiency(self) -> dict:
         """Table 7's figures: median training epoch after the first (warm-up), median evaluation pass, peak

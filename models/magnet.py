@@ -263,7 +263,7 @@ class MAGNET(GeneralRecommender):
         "smoothing_steps": (">=", 1), "switch_unit": ("in", ("step", "epoch")), "stage1_min_steps": (">=", 0),
         "fixed_switch_epoch": (">=", 0), "lambda_ctr": (">=", 0), "tau": (">", 0), "embedding_reg": (">=", 0),
         "weight_decay_on": ("in", ("all", "non_embedding")),
-        "embedding_lr_scale": (">=", 0), "head_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0),
+        "embedding_lr_scale": (">=", 0), "routing_trace_every": (">=", 0), "head_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0),
     }
 
     @classmethod
@@ -375,6 +375,8 @@ class MAGNET(GeneralRecommender):
         self._sampled_views: dict = {}
         self._train_encodes = 0  # training forwards this epoch (fanout resampling counts them)
         self._init_controller()
+        self.trace_every = int(cfg["routing_trace_every"])
+        self._trace: list[dict] = []
         self.to(self.device)
 
     # -- graphs (Sec. 3.2) ----------------------------------------------------------------------
@@ -681,10 +683,33 @@ class MAGNET(GeneralRecommender):
         st["signal"] += signal
         st["max_load"] += float((gates.detach() > 0).float().mean(0).max()) / self.top_k  # MaxLoad share
         st["top1_share"] += float(torch.bincount(pi.detach().argmax(-1), minlength=n_experts).max()) / pi.shape[0]
+        if self.training and self.trace_every and self.ctl_step % self.trace_every == 0:
+            self._trace_row(pi.detach(), pi_bar.detach(), h_norm, signal, stage, gates.detach())
         st["w_cov"] += lam_cov  # effective weights of Eqs. 29-30 in Eq. 32 (Eq. 31's factors times lambda_r)
         st["w_conf"] += lam_conf
         st["steps"] += 1
         return {"cov": lam_cov * coverage_loss(pi_bar), "conf": lam_conf * confidence_loss(pi)}  # Eqs. 29-30
+
+    def _trace_row(self, pi: torch.Tensor, pi_bar: torch.Tensor, h_norm: float, signal: float, stage: int,
+                   gates: torch.Tensor) -> None:
+        """One row of the per-step routing trace (``routing_trace_every``; Figs. 7-8's statistics, from the
+        batch's dense pi before Top-K): H~, switch signal, stage, N_eff, Top-1 share, Top3Mass, MaxLoad share,
+        top1-top2 gap and HHI normalised to [0, 1]."""
+        n_experts = pi.shape[-1]
+        top = pi.topk(min(3, n_experts), dim=-1).values
+        hhi = float((pi_bar ** 2).sum())
+        self._trace.append({
+            "step": int(self.ctl_step), "H~": h_norm, "signal": signal, "stage": stage,
+            "N_eff": math.exp(float(entropy(pi_bar))),
+            "top1_share": float(torch.bincount(pi.argmax(-1), minlength=n_experts).max()) / pi.shape[0],
+            "top3_mass": float(top.sum(-1).mean()),
+            "max_load": float((gates > 0).float().mean(0).max()) / self.top_k,  # share of Top-K assignments
+            "top1_top2_gap": float((top[:, 0] - top[:, 1]).mean()) if n_experts > 1 else 1.0,
+            "hhi_norm": (hhi - 1 / n_experts) / (1 - 1 / n_experts) if n_experts > 1 else 1.0})
+
+    def drain_trace(self) -> list[dict]:
+        rows, self._trace = self._trace, []
+        return rows
 
     def full_sort_predict(self, interaction):
         users = interaction["users"]

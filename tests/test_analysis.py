@@ -63,7 +63,8 @@ def test_analyse_explain_plot_on_a_magnet_run(tmp_path):
     data = ["--set", f"data_path={tmp_path / 'data'}", "--set", f"cache_dir={tmp_path / 'cache'}",
             "--set", "num_threads=1", "--set", "epochs=2"]
     run = tmp_path / "magnet"
-    res = _main("-m", "MAGNET", "-d", "tiny", *data, "--set", "knn_k=5", "--set", "expansion_r=10", "--out", str(run))
+    res = _main("-m", "MAGNET", "-d", "tiny", *data, "--set", "knn_k=5", "--set", "expansion_r=10",
+                "--set", "routing_trace_every=1", "--out", str(run))
     assert res.returncode == 0, res.stderr
     res = _main("analyse", str(run))
     assert res.returncode == 0, res.stderr
@@ -71,7 +72,11 @@ def test_analyse_explain_plot_on_a_magnet_run(tmp_path):
     prof = report["profile"]
     assert sum(prof["pi_bar"]) == pytest.approx(1.0, abs=1e-5) and 1.0 <= prof["n_eff"] <= 9.0
     assert sum(prof["family_composition"].values()) == pytest.approx(1.0, abs=1e-5)
-    for name in ("expert_usage", "modality_reliance", "family_composition", "routing_dynamics", "valid_vs_time"):
+    trace = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in trace] == list(range(1, len(trace) + 1)) and {"top3_mass", "top1_top2_gap", "hhi_norm", "stage"} <= set(trace[0])
+    assert all(0 <= r["hhi_norm"] <= 1 and r["top1_top2_gap"] >= 0 for r in trace)
+    for name in ("expert_usage", "modality_reliance", "family_composition", "routing_dynamics", "valid_vs_time",
+                 "routing_trace"):
         assert (run / "analysis" / f"{name}.png").stat().st_size > 5000, name
     res = _main("explain", str(run), "--user", "3", "--topk", "4")
     assert res.returncode == 0, res.stderr

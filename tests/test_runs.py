@@ -80,6 +80,12 @@ def test_compare_killed_and_rerun_holds_every_run_once_and_writes_every_format(t
     assert r"\textbf{" in (out / "compare.tex").read_text()
     shown = _main("results", str(out))
     assert shown.returncode == 0 and "LightGCN" in shown.stdout and "s/epoch" in shown.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    bars = _main("plot", str(out))
+    assert bars.returncode == 0 and (out / "compare_bars.png").stat().st_size > 5000, bars.stderr
 
 
 def test_grid_killed_and_resumed_matches_an_uninterrupted_grid(tmp_path):
