@@ -93,58 +93,52 @@ def pyplot():
     return plt
 
 
-def bar_figure(path: Path, labels: list[str], values: list[float], title: str, ylabel: str, xlabel: str) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(labels) + 2), 3.4))
-    ax.bar(labels, values, color="#4C72B0", label=ylabel)
+def _label(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend()
-    ax.tick_params(axis="x", rotation=45 if len(labels) > 4 else 0)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: bool = True) -> Path:
+    """Title, axis labels and legend on ``ax``; ``fig`` saved to ``path`` and closed."""
+    _label(ax, title, xlabel, ylabel, legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
+def bar_figure(path: Path, labels: list[str], values: list[float], title: str, ylabel: str, xlabel: str) -> Path:
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 0.6 * len(labels) + 2), 3.4))
+    ax.bar(labels, values, color="#4C72B0", label=ylabel)
+    ax.tick_params(axis="x", rotation=45 if len(labels) > 4 else 0)
+    return _finish(fig, ax, path, title, xlabel, ylabel)
+
+
 def heatmap_figure(path: Path, grid: np.ndarray, title: str) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    fig, ax = pyplot().subplots(figsize=(4.6, 3.8))
     im = ax.imshow(grid, cmap="Blues", vmin=0)
     ax.set_xticks(range(len(FAMILIES)), FAMILIES)
     ax.set_yticks(range(len(GROUPS)), GROUPS)
-    ax.set_xlabel("family")
-    ax.set_ylabel("anchor group (B = graph, A = image, S = text)")
     for (r, c), value in np.ndenumerate(grid):
         ax.text(c, r, f"{value:.2f}", ha="center", va="center",
                 color="white" if value > 0.6 * grid.max() else "black")
     fig.colorbar(im, ax=ax, label="routing mass")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, "family", "anchor group (B = graph, A = image, S = text)", legend=False)
 
 
 def curves_figure(path: Path, series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str,
                   ylabel: str, marks: dict[str, float] | None = None) -> Path:
     """Lines (label -> (x, y)); ``marks`` draws labelled vertical lines (e.g. the stage switch, t95)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = pyplot().subplots(figsize=(6.4, 3.8))
     for label, (x, y) in series.items():
         ax.plot(x, y, label=label)
     for label, x in (marks or {}).items():
         ax.axvline(x, linestyle="--", color="grey")
         ax.text(x, ax.get_ylim()[1], f" {label}", va="top", fontsize=8)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, xlabel, ylabel)
 
 
 def learning_curves(runs: dict[str, dict], out: Path) -> list[Path]:
@@ -185,10 +179,7 @@ def compare_bars(table: dict, path: Path, metrics: tuple[str, ...] = ("recall@20
             ax.bar(np.arange(len(datasets)) + j * width, [c[0] for c in cells], width, yerr=[c[1] for c in cells],
                    label=model, capsize=2)
         ax.set_xticks(np.arange(len(datasets)) + width * (len(models) - 1) / 2, datasets)
-        ax.set_title(f"test {metric} (mean ± std over runs)")
-        ax.set_xlabel("dataset")
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=8)
+        _label(ax, f"test {metric} (mean ± std over runs)", "dataset", metric)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

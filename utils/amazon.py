@@ -39,35 +39,37 @@ def _progress(iterable, desc: str, unit: str):
     return tqdm(iterable, desc=desc, unit=unit, mininterval=2.0)
 
 
-def read_reviews(path: Path) -> Iterator[tuple[str, str, float, int]]:
-    """(reviewerID, asin, overall, unixReviewTime) per line of a gzip JSON-lines review file."""
+def _gzip_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a gzip text file, blank lines skipped, read as a stream."""
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                yield rec["reviewerID"], rec["asin"], float(rec.get("overall", 0.0)), int(rec.get("unixReviewTime", 0))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path} line {line_no}: not a review record ({err}); expected JSON with "
-                                 "reviewerID, asin, overall, unixReviewTime") from None
+            if line.strip():
+                yield line_no, line
+
+
+def read_reviews(path: Path) -> Iterator[tuple[str, str, float, int]]:
+    """(reviewerID, asin, overall, unixReviewTime) per line of a gzip JSON-lines review file."""
+    for line_no, line in _gzip_lines(path):
+        try:
+            rec = json.loads(line)
+            yield rec["reviewerID"], rec["asin"], float(rec.get("overall", 0.0)), int(rec.get("unixReviewTime", 0))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} line {line_no}: not a review record ({err}); expected JSON with "
+                             "reviewerID, asin, overall, unixReviewTime") from None
 
 
 def read_meta(path: Path, wanted: set[str]) -> Iterator[tuple[str, dict]]:
     """(asin, record) for the wanted items of a gzip meta file of Python dict literals (JSON also parses)."""
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    for line_no, line in _gzip_lines(path):
+        try:
+            rec = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
             try:
-                rec = ast.literal_eval(line)
-            except (ValueError, SyntaxError):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path} line {line_no}: neither a Python dict literal nor JSON") from None
-            if isinstance(rec, dict) and rec.get("asin") in wanted:
-                yield rec["asin"], rec
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path} line {line_no}: neither a Python dict literal nor JSON") from None
+        if isinstance(rec, dict) and rec.get("asin") in wanted:
+            yield rec["asin"], rec
 
 
 def read_image_features(path: Path, wanted: dict[str, int], dim: int = IMAGE_DIM) -> tuple[np.ndarray, np.ndarray]:
