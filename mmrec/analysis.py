@@ -111,7 +111,7 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: b
 
 
 def bar_figure(path: Path, labels: list[str], values: list[float], title: str, ylabel: str, xlabel: str) -> Path:
-    fig, ax = pyplot().subplots(figsize=(max(4.0, 0.6 * len(labels) + 2), 3.4))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.6 * len(labels) + 2), 3.6))
     ax.bar(labels, values, color="#4C72B0", label=ylabel)
     ax.tick_params(axis="x", rotation=45 if len(labels) > 4 else 0)
     return _finish(fig, ax, path, title, xlabel, ylabel)
