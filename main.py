@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "grid") and args.resume is None and (args.model is None or args.dataset is None):
         parser.error("the following arguments are required: -m/--model, -d/--dataset (or --resume DIR)")
 
+    import utils.synth  # noqa: F401  (registers the synthetic presets: generated on first use)
     from mmrec.config import ConfigError, load_config
     from mmrec.data import DataError, RecDataset
     from mmrec.quick_start import Interrupted, RunsFailed

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import utils.synth  # noqa: E402,F401  (registers the synthetic presets: generated on first use)
 
 
 def ours(model: str, dataset: str, epochs: int, threads: int) -> dict:

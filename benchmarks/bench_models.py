@@ -41,6 +41,7 @@ def worker(args) -> None:
     """One model, in this process: train, then print one JSON line with the figures."""
     import torch
 
+    import utils.synth  # noqa: F401  (registers the synthetic presets: generated on first use)
     from mmrec import quick_start
 
     sets = [f"epochs={args.epochs}", f"stopping_step={args.epochs + 1}", f"num_threads={args.threads}",

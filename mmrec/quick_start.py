@@ -1,6 +1,7 @@
 """Runs: one setting, a grid, or a side-by-side comparison.  Used by main.py and from Python:
 
 ```python
+import utils.synth  # registers the synthetic presets (mini, ...): generated on first use
 from mmrec.quick_start import run, compare
 result = run("LightGCN", "mini", {"seed": 1})
 table = compare(["BPR", "LightGCN"], "mini", seeds=[999, 1, 2])

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import utils.synth  # noqa: E402,F401  (registers the synthetic presets, as main.py does)
 from mmrec.config import load_config  # noqa: E402
 from mmrec.data import RecDataset  # noqa: E402
 

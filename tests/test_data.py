@@ -217,3 +217,18 @@ def test_check_lists_every_problem_in_one_run(tmp_path):
     (bad / "bad.inter").write_text("user\titemID\trating\ttimestamp\tx_label\n0\t1\t5\t0\t0\n")
     res = check("bad")
     assert res.returncode == 2 and "missing column 'userID'" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_the_core_imports_no_utility_and_no_model_module():
+    """Layering: nothing under mmrec/ imports utils/ or models/ (the registry finds models by name)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for path in (root / "mmrec").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names
+                          if n.split(".")[0] in ("utils", "models") and not (path.name == "registry.py" and n == "models")]
+    assert offenders == []

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import utils.synth  # noqa: F401  (registers the synthetic presets)
 from mmrec.config import load_config, yaml_load
 from mmrec.data import RecDataset
 from mmrec.evaluation import evaluate

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmrec.data.sources import register_generator
+
 GENERATOR_VERSION = 5
 
 # Defaults for the knobs of :func:`generate`.  Presets may override any of them.
@@ -484,6 +486,10 @@ def _ensure_args(out, name, seed, args):
     return generate(out, name, n_users, n_items, seed=seed, image_dim=image_dim,
                     text_dim=text_dim, **args)
 
+
+# the loader generates a preset on first use (or after a generator change) through this registration;
+# mmrec itself never imports this module
+register_generator(PRESETS, lambda data_path, name: ensure_dataset(data_path, name))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmrec.data.dataset import (MODALITIES, DataError, _missing_message, _resolve_data_dir, _synthetic_presets,
-                                interaction_problems, read_features, read_interactions)
+from mmrec.data.dataset import (MODALITIES, DataError, _missing_message, _resolve_data_dir, interaction_problems,
+                                read_features, read_interactions)
+from mmrec.data.sources import generator
 
 
 def check_dataset(config) -> tuple[list[str], list[str]]:
     """(report lines, problems) for the dataset of ``config``; no problems = usable."""
     name = config["dataset"]
     folder = _resolve_data_dir(config)
-    if (name == "mini" or name in _synthetic_presets()) and not folder.exists():
-        from utils.synth import ensure_dataset  # a synthetic preset is generated on first use
-
-        ensure_dataset(folder.parent, name)
+    ensure = generator(name)  # a registered synthetic preset is generated on first use
+    if ensure is not None and ((folder / "meta.json").exists() or not folder.exists()):
+        ensure(folder.parent, name)
     lines = [f"dataset {name}: {folder}"]
     problems: list[str] = []
     inter_path = folder / (config.get("inter_file_name") or f"{name}.inter")

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from mmrec.cache import ArtifactCache
 from mmrec.config import CONFIG_DIR
+from mmrec.data.sources import generated_names, generator
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,12 @@ def _missing_message(folder: Path, config) -> str:
         msg += f" Download the '{name}' folder from MMRec's Google Drive ({DRIVE_URL}) into {folder.parent}/."
     elif not folder.exists():  # an unknown name: say what exists
         present = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
-        known = set(present) | _synthetic_presets() | {"mini"} | set(AMAZON_DATASETS)
+        known = set(present) | generated_names() | set(AMAZON_DATASETS)
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
         if close:
             msg += f" Did you mean {close[0]!r}?"
         msg += (f" Datasets in {folder.parent}: {', '.join(present) or 'none'}; generated on first use: "
-                f"{', '.join(sorted(_synthetic_presets() | {'mini'}))}; downloadable (MMRec): "
+                f"{', '.join(sorted(generated_names())) or 'none registered (import utils.synth)'}; downloadable (MMRec): "
                 f"{', '.join(sorted(AMAZON_DATASETS))}.")
     return msg
 
@@ -92,11 +93,9 @@ class RecDataset:
         self.config = config
         self.name = config["dataset"]
         folder = _resolve_data_dir(config)
-        generated = (folder / "meta.json").exists() or not folder.exists()
-        if generated and (self.name == "mini" or self.name in _synthetic_presets()):
-            from utils.synth import ensure_dataset  # synthetic presets are generated on first use
-
-            ensure_dataset(folder.parent, self.name)
+        ensure = generator(self.name)  # a registered generator (synthetic presets): generated on first use
+        if ensure is not None and ((folder / "meta.json").exists() or not folder.exists()):
+            ensure(folder.parent, self.name)
         self.folder = folder
         inter_path, feature_paths = _check_files(folder, config)
         users, items, labels = self._read_inter(inter_path)
@@ -327,18 +326,13 @@ def _check_files(folder: Path, config) -> tuple[Path, dict[str, Path]]:
 
 
 def check_available(config) -> None:
-    """The missing-data error a run would stop with, raised without reading any data (a synthetic preset
-    is available: it is generated on first use).  Lets a comparison over many datasets fail at once."""
+    """The missing-data error a run would stop with, raised without reading any data; a registered
+    synthetic preset is generated here, once, before parallel jobs could race to generate it.  Lets a
+    comparison over many datasets fail at once."""
     folder = _resolve_data_dir(config)
-    name = config["dataset"]
-    if (name == "mini" or name in _synthetic_presets()) and ((folder / "meta.json").exists() or not folder.exists()):
-        return
+    ensure = generator(config["dataset"])
+    if ensure is not None and ((folder / "meta.json").exists() or not folder.exists()):
+        ensure(folder.parent, config["dataset"])
     _check_files(folder, config)
 
 
-def _synthetic_presets() -> set[str]:
-    try:
-        from utils.synth import PRESETS
-    except ImportError:
-        return set()
-    return set(PRESETS)
