@@ -32,6 +32,15 @@ from mmrec.evaluation import evaluate
 log = logging.getLogger("mmrec")
 
 
+def early_stopping(best: float, score: float, bad_evals: int, patience: int) -> tuple[bool, int, bool]:
+    """MMRec's rule: (improved, evaluations without improvement, stop).  A score must beat the best (a tie,
+    after rounding to ``metric_decimals``, does not); training stops once more than ``patience``
+    evaluations in a row have not improved."""
+    if score > best:
+        return True, 0, False
+    return False, bad_evals + 1, bad_evals + 1 > patience
+
+
 def reset_peak_memory() -> None:
     """Start a run's peak-memory count: CUDA's allocator statistics, and Linux's VmHWM (clear_refs 5)."""
     if torch.cuda.is_available():
@@ -270,22 +279,20 @@ class Trainer:
                 self.eval_times.append(time.perf_counter() - t1)
                 elapsed += self.eval_times[-1]
                 score = round(valid[self.valid_metric], self.decimals)
-                improved = score > self.best_score
+                improved, bad_evals, stop = early_stopping(self.best_score, score, self.bad_evals, stopping_step)
                 record["valid"] = valid
                 line = (f"          valid {self.valid_metric} {valid[self.valid_metric]:.4f}  "
                         + "  ".join(f"{k} {valid[k]:.4f}" for k in self._shown(valid))
                         + f"  eval {self.eval_times[-1]:.2f}s")
+                self.bad_evals = bad_evals
                 if improved:
-                    self.best_score, self.best_epoch, self.bad_evals = score, self.epoch, 0
+                    self.best_score, self.best_epoch = score, self.epoch
                     self.best_valid = valid
                     self._best_state = {k: v.detach().to("cpu", copy=True)
                                         for k, v in self.model.state_dict().items()}
                     line += "  * best"
                     if self.out_dir is not None and cfg["checkpoint"]:
                         atomic_save({"epoch": self.epoch, "model": self._best_state}, self.out_dir / "best.pth")
-                else:
-                    self.bad_evals += 1
-                    stop = self.bad_evals > stopping_step
                 log.info(line)
             record["elapsed_seconds"] = round(elapsed, 3)  # training and evaluation time so far (t95)
             self.history.append(record)

@@ -132,3 +132,13 @@ def test_reset_optimizer_each_epoch_restarts_adam_state(tmp_path):
     steps = trainer.optimizer.state[model.user_embedding.weight]["step"]
     assert int(steps) == len(trainer.batches)  # only the second epoch's steps: state was rebuilt
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["learning_rate"] * 0.25)
+
+
+def test_early_stopping_rule_is_a_pure_function():
+    from mmrec.trainer import early_stopping
+
+    assert early_stopping(0.2, 0.3, 4, 2) == (True, 0, False)     # better: counter resets
+    assert early_stopping(0.3, 0.3, 0, 2) == (False, 1, False)    # a tie does not improve
+    assert early_stopping(0.3, 0.25, 1, 2) == (False, 2, False)   # 2 evaluations without improvement
+    assert early_stopping(0.3, 0.29, 2, 2) == (False, 3, True)    # the third: more than stopping_step
+    assert early_stopping(0.3, 0.1, 0, 0) == (False, 1, True)     # patience 0 stops at the first miss
