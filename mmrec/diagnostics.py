@@ -189,8 +189,7 @@ def pair_ndcg(model, dataset, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.n
     device = getattr(model, "device", torch.device("cpu"))
     out_u, out_i, out_c = [], [], []
     model.eval()
-    model.eval_split = "test"
-    model.start_evaluation()
+    model.start_evaluation("test")
     try:
         for lo in range(0, len(users), 1024):
             block = users[lo:lo + 1024]
@@ -204,7 +203,6 @@ def pair_ndcg(model, dataset, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.n
                 out_c.append(np.where(ranks <= k, 1 / np.log2(ranks + 1), 0.0) / idcg)
     finally:
         model.end_evaluation()
-        model.eval_split = None
     return np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_c)
 
 

@@ -84,8 +84,7 @@ def recommend(model, dataset, users: np.ndarray, k: int, batch_users: int = 2048
     device = getattr(model, "device", torch.device("cpu"))
     was_training = model.training
     model.eval()
-    model.eval_split = "test"
-    model.start_evaluation()
+    model.start_evaluation("test")
     items, scores = [], []
     try:
         for start in range(0, len(users), batch_users):
@@ -95,7 +94,6 @@ def recommend(model, dataset, users: np.ndarray, k: int, batch_users: int = 2048
             scores.append(top.values.cpu().numpy())
     finally:
         model.end_evaluation()
-        model.eval_split = None
         model.train(was_training)
     if not items:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
@@ -120,8 +118,7 @@ def evaluate(model, dataset, split: str, ks: list[int], metrics=METRICS, batch_u
     device = getattr(model, "device", torch.device("cpu"))
     was_training = model.training
     model.eval()
-    model.eval_split = split
-    model.start_evaluation()
+    model.start_evaluation(split)
     sums = {f"{m}@{k}": 0.0 for m in metrics for k in ks}
     per_user_vals: dict[str, list] = {name: [] for name in sums} if per_user else {}
     top_lists = []
@@ -148,7 +145,6 @@ def evaluate(model, dataset, split: str, ks: list[int], metrics=METRICS, batch_u
                 top_lists.append(top[:, :keep_topk].numpy())
     finally:
         model.end_evaluation()
-        model.eval_split = None
         model.train(was_training)
     n = max(len(users), 1)
     result = {"metrics": {name: s / n for name, s in sums.items()}, "users": users}

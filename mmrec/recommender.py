@@ -15,8 +15,8 @@ class MyModel(GeneralRecommender):
 ``users`` (evaluation), already on the model's device.  A dict returned by ``calculate_loss`` holds
 named loss parts; the trainer optimises their sum and logs each part per epoch.
 
-Evaluation caching: the trainer wraps every evaluation pass in ``start_evaluation()`` /
-``end_evaluation()``; inside a pass ``self.cached(name, fn)`` computes ``fn()`` once and returns the
+Evaluation caching: the trainer wraps every evaluation pass in ``start_evaluation(split)`` /
+``end_evaluation()`` (``self.eval_split`` says which split inside the pass); inside a pass ``self.cached(name, fn)`` computes ``fn()`` once and returns the
 same tensors for every user block, so a deterministic full forward runs once per pass.
 """
 from __future__ import annotations
@@ -38,6 +38,12 @@ class AbstractRecommender(nn.Module):
     #: | (">=", n) | (">", n) | ("between", (lo, hi)).  Checked with the resolved configuration before any
     #: data is loaded (and again when the model is built), so a bad value is one line naming its source.
     config_schema: dict[str, tuple[str, Any]] = {}
+    #: optimiser hooks the trainer reads: parameter-name prefixes without weight decay (e.g. ID tables),
+    #: learning-rate factors per prefix ({prefix: factor}; parameter groups), and whether the optimiser is
+    #: rebuilt before every epoch after the first (a reference quirk some baselines keep)
+    no_weight_decay: tuple[str, ...] = ()
+    lr_scale: dict[str, float] = {}
+    reset_optimizer_each_epoch: bool = False
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -68,6 +74,7 @@ class AbstractRecommender(nn.Module):
         self.n_items: int = dataset.n_items
         self.device = torch.device(config.get("device", "cpu"))
         self._eval_cache: dict[str, Any] | None = None
+        self.eval_split: str | None = None  # 'valid' or 'test' inside an evaluation pass, else None
 
     # -- the contract -------------------------------------------------------------------------
     def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -94,11 +101,14 @@ class AbstractRecommender(nn.Module):
         return []
 
     # -- evaluation pass caching --------------------------------------------------------------
-    def start_evaluation(self) -> None:
+    def start_evaluation(self, split: str | None = None) -> None:
+        """An evaluation pass begins (on ``split``, readable as ``self.eval_split``)."""
+        self.eval_split = split
         self._eval_cache = {} if self.deterministic_eval else None
 
     def end_evaluation(self) -> None:
         self._eval_cache = None
+        self.eval_split = None
 
     def cached(self, name: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` once per evaluation pass (outside a pass, or in training, every call)."""

@@ -106,8 +106,8 @@ def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     prefixes to learning-rate factors in ``lr_scale`` (e.g. ``{"user_embedding": 3.0}``): those train at
     factor x learning_rate (the scheduler scales every group alike)."""
     lr, wd = float(config["learning_rate"]), float(config["weight_decay"])
-    exempt = tuple(getattr(model, "no_weight_decay", ()) or ())
-    scales = dict(getattr(model, "lr_scale", {}) or {})
+    exempt = tuple(model.no_weight_decay)
+    scales = dict(model.lr_scale)
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -199,7 +199,7 @@ class Trainer:
     def _train_epoch(self) -> dict[str, float]:
         model = self.model
         model.train()
-        if getattr(model, "reset_optimizer_each_epoch", False) and self.epoch > 0:
+        if model.reset_optimizer_each_epoch and self.epoch > 0:
             self._fresh_optimizer()
         model.pre_epoch_processing()
         parts: dict[str, float] = {}

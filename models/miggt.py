@@ -202,8 +202,8 @@ class MIGGT(GeneralRecommender):
         return {"mf": mf, "l2": l2, "unsmooth": unsmooth}
 
     # ------------------------------------------------------------------------------------------
-    def start_evaluation(self) -> None:
-        super().start_evaluation()
+    def start_evaluation(self, split: str | None = None) -> None:
+        super().start_evaluation(split)
         self.eval_generator.manual_seed(self.seed)  # every pass draws the same global samples
         self._pass_forward = None
         self._in_pass = True
@@ -227,7 +227,7 @@ class MIGGT(GeneralRecommender):
         users = interaction["users"]
         z = self._eval_embeddings()
         scores = z[: self.n_users][users] @ z[self.n_users:].T
-        split = getattr(self, "eval_split", None)
+        split = self.eval_split
         if self.eval_mask_other_split and split in ("valid", "test"):
             other = self.dataset.test_matrix if split == "valid" else self.dataset.valid_matrix
             sub = other[users.cpu().numpy()].tocoo()

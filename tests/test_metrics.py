@@ -43,7 +43,7 @@ class _FixedScores(torch.nn.Module):
         self.scores = torch.as_tensor(scores, dtype=torch.float32)
         self.device = torch.device("cpu")
 
-    def start_evaluation(self):
+    def start_evaluation(self, split=None):
         pass
 
     def end_evaluation(self):

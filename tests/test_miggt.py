@@ -128,8 +128,7 @@ def test_extra_masking_flag(tiny):
         model.eval()
         users = np.arange(dataset.n_users)
         for split, other in (("valid", dataset.test_matrix), ("test", dataset.valid_matrix)):
-            model.eval_split = split
-            model.start_evaluation()
+            model.start_evaluation(split)
             scores = model.full_sort_predict({"users": torch.from_numpy(users)})
             model.end_evaluation()
             r, c = other.nonzero()
