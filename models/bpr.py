@@ -13,6 +13,9 @@ from mmrec.recommender import GeneralRecommender
 
 
 class BPR(GeneralRecommender):
+    """Matrix factorisation trained with the BPR loss: a user's score for an item is the dot product of
+    their ID embeddings. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/BPR.yaml): reg_weight."""
     uses_features = False  # ID-only: runs on datasets without feature files
 
     def __init__(self, config, dataset):

@@ -93,6 +93,11 @@ def club_learning_loss(critic: PairCritic, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 class CMDL(GeneralRecommender):
+    """Disentangles each modality into shared and specific parts with mutual-information and contrastive
+    terms over a LightGCN backbone. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/CMDL.yaml): cl_loss, critic_hidden, critic_weight_decay, freeze_unlisted, info_neg,
+    info_pos, knn_k, learning_rate, mi_index_quirk, mi_loss, n_ui_layers, reg_weight, train_batch_size,
+    train_raw_features."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     reset_optimizer_each_epoch = True  # the reference's trainer builds fresh AdamW optimisers every epoch
 

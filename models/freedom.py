@@ -35,6 +35,10 @@ from mmrec.recommender import GeneralRecommender
 
 
 class FREEDOM(GeneralRecommender):
+    """LightGCN on the user-item graph plus a frozen, fused item-item kNN graph from the features, with
+    degree-sensitive edge pruning. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/FREEDOM.yaml): dropout, feat_embed_dim, knn_k, mm_image_weight, n_mm_layers, n_ui_layers,
+    reg_weight."""
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         d = self.embedding_size

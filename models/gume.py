@@ -91,6 +91,10 @@ def knn_intersection_edges(image_idx: np.ndarray, text_idx: np.ndarray, group: i
 
 
 class GUME(GeneralRecommender):
+    """Graph and user-modality enhancement for long-tail items: modality-aware item graphs, augmented user
+    modalities and alignment losses. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/GUME.yaml): bm_loss, bm_temp, intersection_group, knn_k, n_layers, n_ui_layers,
+    reg_weight_1, reg_weight_2, train_batch_size, um_loss, um_temp, vt_loss."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):

@@ -61,6 +61,10 @@ def sym_normalize_edges(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tens
 
 
 class LATTICE(GeneralRecommender):
+    """Learns item-item structure from each modality's kNN graph (mixed with the frozen original) and
+    propagates item embeddings over it. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/LATTICE.yaml): feat_embed_dim, knn_k, lambda_coeff, max_dense_items, n_layers,
+    rebuild_graph_every_batch, reg_weight, train_batch_size, weight_size."""
     config_schema = {"cf_model": ("in", ("lightgcn",)), "knn_k": (">=", 1), "lambda_coeff": ("between", (0, 1)),
                      "max_dense_items": (">=", 1)}
 

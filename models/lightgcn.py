@@ -17,6 +17,9 @@ from mmrec.recommender import GeneralRecommender
 
 
 class LightGCN(GeneralRecommender):
+    """Linear propagation of ID embeddings over the normalised user-item graph, layers averaged; no feature
+    use. Paper and equations: this module's docstring. Keys it reads (configs/model/LightGCN.yaml):
+    n_layers, reg_weight."""
     uses_features = False  # ID-only: runs on datasets without feature files
 
     def __init__(self, config, dataset):

@@ -240,6 +240,15 @@ class Router(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 class MAGNET(GeneralRecommender):
+    """Dual-view graphs (observed and content-induced edges), triplet-template mixture of graph experts over
+    graph/image/text channels, and entropy-triggered progressive routing. Paper and equations: this module's
+    docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
+    com_eps, cue_centering, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
+    entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
+    fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, knn_k, lambda_ctr,
+    lambda_r, modality_scale, moe, n_layers, router, router_grad, routing_schedule, routing_trace_every,
+    seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
+    trigger_window, user_cue_target, view, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: elements of one [users x items x experts (x hidden)] scoring block in full ranking
     score_block_budget = 1 << 22

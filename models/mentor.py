@@ -72,6 +72,10 @@ class ModalityGCN(nn.Module):
 
 
 class MENTOR(GeneralRecommender):
+    """Multi-level self-supervision: modality graphs, feature masking and alignment between ID and modality
+    views. Paper and equations: this module's docstring. Keys it reads (configs/model/MENTOR.yaml):
+    align_weight, dropout, knn_k, mask_weight_f, mask_weight_g, mm_image_weight, n_mm_layers,
+    nce_block_size, predict_fresh_forward, reg_weight, temp."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):

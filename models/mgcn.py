@@ -33,6 +33,10 @@ from mmrec.recommender import GeneralRecommender
 
 
 class MGCN(GeneralRecommender):
+    """Purifies modality features with ID embeddings, propagates them on item-item and user-item graphs, and
+    fuses views with attention and contrastive learning. Paper and equations: this module's docstring. Keys
+    it reads (configs/model/MGCN.yaml): cl_loss, cl_temperature, knn_k, n_layers, n_ui_layers, reg_weight,
+    train_batch_size."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):

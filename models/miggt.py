@@ -112,6 +112,11 @@ class SampledGlobalAttention(nn.Module):
 
 
 class MIGGT(GeneralRecommender):
+    """Modality-independent graph networks per modality with global transformer sampling and a seeded
+    stochastic evaluation. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/MIGGT.yaml): alpha, att_dim, beta, edge_drop_rate, eval_mask_other_split, feat_drop_rate,
+    feat_hidden, input_feat_drop_rate, item_x_drop_rate, k_e, k_t, k_v, l2_coef, num_samples, own_negatives,
+    seed, use_rp, user_x_drop_rate, z_drop_rate."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: the global sampling runs at evaluation too, so the harness must not cache across passes
     deterministic_eval = False

@@ -64,6 +64,10 @@ class DimensionPreference(nn.Module):
 
 
 class SMORE(GeneralRecommender):
+    """Spectral (FFT) fusion of modality representations, modality-specific item graphs and gated fusion
+    with a contrastive term. Paper and equations: this module's docstring. Keys it reads
+    (configs/model/SMORE.yaml): cl_loss, cl_temperature, dropout_rate, image_knn_k, n_layers, n_ui_layers,
+    reg_weight, text_knn_k, train_batch_size."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):

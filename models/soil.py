@@ -196,6 +196,9 @@ def second_order_graphs(users: np.ndarray, items: np.ndarray, weights: np.ndarra
 
 
 class SOIL(GeneralRecommender):
+    """Second-order interest graphs and interest-aware item graphs with contrastive terms over a LightGCN
+    backbone. Paper and equations: this module's docstring. Keys it reads (configs/model/SOIL.yaml):
+    cl_loss, cl_loss2, cl_temperature, knn_a, knn_i, knn_k, n_layers, n_ui_layers, r2_degree_quirk."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):
