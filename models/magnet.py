@@ -35,22 +35,16 @@ from torch import nn
 from mmrec import graph, native
 from mmrec.losses import bpr_loss, half_sq, info_nce_both_ways
 from mmrec.recommender import GeneralRecommender
+from models.magnet_routing import (SCHEDULES, STAGE_WEIGHTS, StageController, confidence_loss,  # noqa: F401
+                                   coverage_loss, entropy, stage_weight_factors)
 from models.magnet_graph import FAMILIES, augmented_matrix, cached_induced_edges, sample_fanout, template_pool
 
 log = logging.getLogger("mmrec." + __name__)
 
-ENTROPY_EPS = 1e-12
-SCHEDULES = ("entropy", "fixed_step", "coverage_only", "confidence_only", "none")
-STAGE_WEIGHTS = ("lin_ent", "quad_ent", "const", "rev_ent")
 
 
 # ----------------------------------------------------------------------------------------------
 # pure functions (tested one by one)
-def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy in nats (Eq. 23), p clamped at a tiny epsilon inside the log."""
-    return -(p * p.clamp_min(ENTROPY_EPS).log()).sum(dim)
-
-
 def topk_gates(pi: torch.Tensor, k: int) -> torch.Tensor:
     """Eqs. 18-19: keep the Top-K entries of pi and renormalise them to sum to 1; others 0."""
     vals, idx = pi.topk(k, dim=-1)
@@ -85,29 +79,6 @@ def topk_softmax_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, 
         kept, idx = logits[:, iu, ii].T.topk(k, dim=-1)
         out[iu, ii] = (torch.softmax(kept, dim=-1) * y[:, iu, ii].T.gather(-1, idx)).sum(-1)
     return out
-
-
-def coverage_loss(pi_bar: torch.Tensor) -> torch.Tensor:
-    """Eq. 29: sum_e (pi_bar_e - 1/E)^2."""
-    return (pi_bar - 1.0 / pi_bar.numel()).pow(2).sum()
-
-
-def confidence_loss(pi: torch.Tensor) -> torch.Tensor:
-    """Eq. 30: mean over pairs of H(pi_ui)."""
-    return entropy(pi).mean()
-
-
-def stage_weight_factors(h_norm: float, form: str) -> tuple[float, float]:
-    """(stage-1 factor, stage-2 factor) of lambda_r (Eq. 31 and Table 6's alternatives)."""
-    if form == "lin_ent":
-        return 1.0 - h_norm, h_norm
-    if form == "quad_ent":
-        return (1.0 - h_norm) ** 2, h_norm ** 2
-    if form == "const":
-        return 1.0, 1.0
-    if form == "rev_ent":
-        return h_norm, 1.0 - h_norm
-    raise ValueError(f"unknown stage_weights {form!r}; use one of {', '.join(STAGE_WEIGHTS)}")
 
 
 def view_contrastive(a_users, b_users, a_items, b_items, tau: float) -> torch.Tensor:
@@ -428,99 +399,29 @@ class MAGNET(GeneralRecommender):
 
     # -- controller state (Sec. 3.4), in buffers so checkpoints carry it -------------------------
     def _init_controller(self) -> None:
-        long = dict(dtype=torch.long)
-        first_stage = 2 if self.schedule == "confidence_only" else 1
-        self.register_buffer("ctl_stage", torch.tensor(first_stage, **long))
-        self.register_buffer("ctl_counter", torch.tensor(0, **long))
-        self.register_buffer("ctl_step", torch.tensor(0, **long))
-        self.register_buffer("ctl_epoch", torch.tensor(0, **long))
-        self.register_buffer("ctl_epoch_steps", torch.tensor(0, **long))
-        self.register_buffer("ctl_switch_step", torch.tensor(0 if first_stage == 2 else -1, **long))
-        self.register_buffer("ctl_switch_epoch", torch.tensor(0 if first_stage == 2 else -1, **long))
-        self.register_buffer("ctl_window", torch.zeros(self.smoothing_steps, dtype=torch.float64))
-        self.register_buffer("ctl_window_count", torch.tensor(0, **long))
-        self.register_buffer("ctl_ema", torch.tensor(0.0, dtype=torch.float64))
-        self.register_buffer("ctl_epoch_signal", torch.tensor(0.0, dtype=torch.float64))
-        self.register_buffer("sample_epoch", torch.tensor(0, **long))  # training epochs begun (fanout seed)
+        self.controller = StageController(self.schedule, self.h_star, self.window, self.smoothing, self.smoothing_steps,
+                                          self.switch_unit, self.stage1_min_steps, self.fixed_switch_epoch,
+                                          self.stage_weights, self.lambda_r)
+        self.register_buffer("sample_epoch", torch.tensor(0, dtype=torch.long))  # epochs begun (fanout seed)
         self._reset_epoch_stats()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "sample_epoch", torch.tensor(0))  # checkpoints from before fanout seeding
+        for key in [k for k in state_dict if k.startswith(prefix + "ctl_")]:  # before the controller module
+            state_dict[prefix + "controller." + key[len(prefix) + 4:]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _reset_epoch_stats(self) -> None:
         self._stats = {"h_norm": 0.0, "n_eff": 0.0, "signal": 0.0, "max_load": 0.0, "top1_share": 0.0,
                        "w_cov": 0.0, "w_conf": 0.0, "steps": 0}
 
-    def _smooth(self, value: float) -> float:
-        """The switch signal after ``entropy_smoothing`` (none | window mean | EMA over smoothing_steps)."""
-        count = int(self.ctl_window_count)
-        self.ctl_window_count += 1
-        if self.smoothing == "window":
-            self.ctl_window[count % self.smoothing_steps] = value
-            return float(self.ctl_window[: min(count + 1, self.smoothing_steps)].mean())
-        if self.smoothing == "ema":
-            rate = 1.0 / self.smoothing_steps
-            self.ctl_ema.fill_(value if count == 0 else (1 - rate) * float(self.ctl_ema) + rate * value)
-            return float(self.ctl_ema)
-        return value
-
-    def _switch(self, first_step: int | None = None) -> None:
-        """Enter stage 2; the switch step is the first step trained with stage-2 weights."""
-        self.ctl_stage.fill_(2)
-        self.ctl_switch_step.fill_(int(self.ctl_step) if first_step is None else first_step)
-        self.ctl_switch_epoch.copy_(self.ctl_epoch)
-        log.info("MAGNET stage switch 1 -> 2 at step %d (epoch %d)", int(self.ctl_step), int(self.ctl_epoch))
-
-    def _count(self, signal: float, first_step: int) -> None:
-        """Eq. 26: n <- n + 1 if signal >= H* else 0; stage 1 -> 2 once when n >= W (after the minimum
-        stage-1 length); ``first_step`` is the step that would be the first in stage 2."""
-        if signal >= self.h_star:
-            self.ctl_counter += 1
-        else:
-            self.ctl_counter.zero_()
-        stage1_len = first_step - 1
-        if int(self.ctl_stage) == 1 and int(self.ctl_counter) >= self.window and stage1_len >= self.stage1_min_steps:
-            self._switch(first_step)
-
-    @torch.no_grad()
-    def controller_step(self, signal_value: float) -> int:
-        """Advance the stage controller by one training step (Alg. 2, lines 14-20); returns the stage."""
-        self.ctl_step += 1
-        self.ctl_epoch_steps += 1
-        if self.schedule == "entropy":
-            smoothed = self._smooth(signal_value)
-            if self.switch_unit == "step":
-                self._count(smoothed, int(self.ctl_step))
-            else:
-                self.ctl_epoch_signal += smoothed
-        elif self.schedule == "fixed_step":
-            if int(self.ctl_stage) == 1 and int(self.ctl_epoch) >= self.fixed_switch_epoch:
-                self._switch()
-        return int(self.ctl_stage)
-
     def pre_epoch_processing(self) -> None:
-        """Start a new epoch: count the finished one; with ``switch_unit: epoch`` the epoch-mean signal
-        drives the counter (W then counts epochs)."""
+        """Start a new epoch: the controller counts the finished one (Alg. 2); neighbour samples are redrawn."""
         if self.training:
             self.sample_epoch += 1
             self._train_encodes = 0
-        if self.training and int(self.ctl_epoch_steps) > 0:
-            mean_signal = float(self.ctl_epoch_signal) / int(self.ctl_epoch_steps)
-            self.ctl_epoch += 1
-            if self.schedule == "entropy" and self.switch_unit == "epoch":
-                with torch.no_grad():
-                    self._count(mean_signal, int(self.ctl_step) + 1)
-            self.ctl_epoch_steps.zero_()
-            self.ctl_epoch_signal.zero_()
+            self.controller.close_epoch()
         self._reset_epoch_stats()
-
-    def routing_weights(self, h_norm: float, stage: int) -> tuple[float, float]:
-        """(lambda_cov, lambda_conf) of Eq. 31 (or the chosen stage_weights form), H~ detached."""
-        if self.schedule == "none":
-            return 0.0, 0.0
-        a, b = stage_weight_factors(h_norm, self.stage_weights)
-        return self.lambda_r * a * (stage == 1), self.lambda_r * b * (stage == 2)
 
     # -- forward ---------------------------------------------------------------------------------
     def views(self) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
@@ -684,15 +585,15 @@ class MAGNET(GeneralRecommender):
         load = gates.detach().mean(0)
         load_norm = float(entropy(load)) / math.log(n_experts)
         signal = h_norm if self.switch_signal == "dense" else load_norm
-        stage = self.controller_step(signal) if self.training else int(self.ctl_stage)
-        lam_cov, lam_conf = self.routing_weights(h_norm, stage)  # Eq. 31, after the stage update
+        stage = self.controller.advance(signal) if self.training else int(self.controller.stage)
+        lam_cov, lam_conf = self.controller.loss_weights(h_norm, stage)  # Eq. 31, after the stage update
         st = self._stats
         st["h_norm"] += h_norm
         st["n_eff"] += math.exp(float(h.detach()))  # Eq. 25
         st["signal"] += signal
         st["max_load"] += float((gates.detach() > 0).float().mean(0).max()) / self.top_k  # MaxLoad share
         st["top1_share"] += float(torch.bincount(pi.detach().argmax(-1), minlength=n_experts).max()) / pi.shape[0]
-        if self.training and self.trace_every and self.ctl_step % self.trace_every == 0:
+        if self.training and self.trace_every and self.controller.step % self.trace_every == 0:
             self._trace_row(pi.detach(), pi_bar.detach(), h_norm, signal, stage, gates.detach())
         st["w_cov"] += lam_cov  # effective weights of Eqs. 29-30 in Eq. 32 (Eq. 31's factors times lambda_r)
         st["w_conf"] += lam_conf
@@ -708,7 +609,7 @@ class MAGNET(GeneralRecommender):
         top = pi.topk(min(3, n_experts), dim=-1).values
         hhi = float((pi_bar ** 2).sum())
         self._trace.append({
-            "step": int(self.ctl_step), "H~": h_norm, "signal": signal, "stage": stage,
+            "step": int(self.controller.step), "H~": h_norm, "signal": signal, "stage": stage,
             "N_eff": math.exp(float(entropy(pi_bar))),
             "top1_share": float(torch.bincount(pi.argmax(-1), minlength=n_experts).max()) / pi.shape[0],
             "top3_mass": float(top.sum(-1).mean()),
@@ -783,21 +684,21 @@ class MAGNET(GeneralRecommender):
                "signal": self._stats["signal"] / n, "max_load": self._stats["max_load"] / n,
                "top1_share": self._stats["top1_share"] / n,
                "w_cov": self._stats["w_cov"] / n, "w_conf": self._stats["w_conf"] / n,
-               "stage": int(self.ctl_stage)}
-        if int(self.ctl_switch_step) >= 0:
-            out["switch_step"] = int(self.ctl_switch_step)
+               "stage": int(self.controller.stage)}
+        if int(self.controller.switch_step) >= 0:
+            out["switch_step"] = int(self.controller.switch_step)
         if self.modality_scale == "learned":
             out["gain_A"], out["gain_S"] = self.cue_log_gain.detach().exp().tolist()
         return out
 
     def extra_results(self) -> dict:
-        switch = int(self.ctl_switch_step)
+        switch = int(self.controller.switch_step)
         res = {**self.graph_stats, "n_experts": self.n_experts, "experts": self.expert_names,
-               "routing_schedule": self.schedule, "final_stage": int(self.ctl_stage),
-               "switch_step": switch, "switch_epoch": int(self.ctl_switch_epoch),
-               "stage1_steps": (switch - 1 if switch > 0 else 0) if switch >= 0 else int(self.ctl_step),
-               "train_steps": int(self.ctl_step)}
+               "routing_schedule": self.schedule, "final_stage": int(self.controller.stage),
+               "switch_step": switch, "switch_epoch": int(self.controller.switch_epoch),
+               "stage1_steps": (switch - 1 if switch > 0 else 0) if switch >= 0 else int(self.controller.step),
+               "train_steps": int(self.controller.step)}
         if self.use_moe and self.schedule == "fixed_step" and switch < 0:
             log.warning("routing_schedule fixed_step: training ended at epoch %d before fixed_switch_epoch=%d; "
-                        "the run never left stage 1", int(self.ctl_epoch), self.fixed_switch_epoch)
+                        "the run never left stage 1", int(self.controller.epoch), self.fixed_switch_epoch)
         return res

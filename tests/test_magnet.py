@@ -86,68 +86,68 @@ def test_view_contrastive_by_hand():
 def test_controller_switch_after_w_consecutive_steps(make):
     m = make(entropy_threshold=0.9, trigger_window=3)
     m.train()
-    stages = [m.controller_step(h) for h in (0.95, 0.95, 0.5, 0.95, 0.91)]
-    assert stages == [1, 1, 1, 1, 1] and int(m.ctl_counter) == 2  # reset by the 0.5
-    assert m.controller_step(0.9) == 2  # third consecutive step at H* switches on this step
-    assert int(m.ctl_switch_step) == 6
-    m.controller_step(0.1)
-    assert int(m.ctl_stage) == 2 and int(m.ctl_switch_step) == 6  # once and for good
+    stages = [m.controller.advance(h) for h in (0.95, 0.95, 0.5, 0.95, 0.91)]
+    assert stages == [1, 1, 1, 1, 1] and int(m.controller.counter) == 2  # reset by the 0.5
+    assert m.controller.advance(0.9) == 2  # third consecutive step at H* switches on this step
+    assert int(m.controller.switch_step) == 6
+    m.controller.advance(0.1)
+    assert int(m.controller.stage) == 2 and int(m.controller.switch_step) == 6  # once and for good
     for _ in range(5):
-        m.controller_step(0.99)
-    assert int(m.ctl_switch_step) == 6
+        m.controller.advance(0.99)
+    assert int(m.controller.switch_step) == 6
 
 
 def test_controller_variants(make):
     m = make(trigger_window=2, stage1_min_steps=4)
     m.train()
-    assert [m.controller_step(1.0) for _ in range(6)] == [1, 1, 1, 1, 2, 2]  # stage-1 length >= 4
+    assert [m.controller.advance(1.0) for _ in range(6)] == [1, 1, 1, 1, 2, 2]  # stage-1 length >= 4
     m = make(trigger_window=2, entropy_smoothing="window", smoothing_steps=3)
     m.train()
     # window means: 1.0, 0.9, (1+.8+.2)/3=.667, (.8+.2+1)/3=.667, (.2+1+1)/3=.733, 1.0, 1.0
-    assert [m.controller_step(h) for h in (1.0, 0.8, 0.2, 1.0, 1.0, 1.0, 1.0)] == [1, 2, 2, 2, 2, 2, 2]
+    assert [m.controller.advance(h) for h in (1.0, 0.8, 0.2, 1.0, 1.0, 1.0, 1.0)] == [1, 2, 2, 2, 2, 2, 2]
     m = make(trigger_window=2, entropy_smoothing="window", smoothing_steps=3)
     m.train()
-    assert [m.controller_step(h) for h in (0.5, 1.0, 1.0, 1.0, 1.0)] == [1, 1, 1, 1, 2]
+    assert [m.controller.advance(h) for h in (0.5, 1.0, 1.0, 1.0, 1.0)] == [1, 1, 1, 1, 2]
     m = make(trigger_window=1, switch_unit="epoch")
     m.train()
     m.pre_epoch_processing()
     for h in (0.5, 0.6):
-        m.controller_step(h)
+        m.controller.advance(h)
     m.pre_epoch_processing()  # epoch mean 0.55 < 0.9
-    assert int(m.ctl_stage) == 1 and int(m.ctl_epoch) == 1
+    assert int(m.controller.stage) == 1 and int(m.controller.epoch) == 1
     for h in (0.95, 0.99):
-        m.controller_step(h)
+        m.controller.advance(h)
     m.pre_epoch_processing()
-    assert int(m.ctl_stage) == 2 and int(m.ctl_switch_epoch) == 2
+    assert int(m.controller.stage) == 2 and int(m.controller.switch_epoch) == 2
     m = make(routing_schedule="fixed_step", fixed_switch_epoch=1)
     m.train()
-    m.controller_step(1.0)
+    m.controller.advance(1.0)
     m.pre_epoch_processing()
-    assert m.controller_step(0.0) == 2 and int(m.ctl_switch_epoch) == 1
-    assert int(make(routing_schedule="confidence_only").ctl_stage) == 2
+    assert m.controller.advance(0.0) == 2 and int(m.controller.switch_epoch) == 1
+    assert int(make(routing_schedule="confidence_only").controller.stage) == 2
     m = make(routing_schedule="coverage_only")
     m.train()
-    assert max(m.controller_step(1.0) for _ in range(10)) == 1
+    assert max(m.controller.advance(1.0) for _ in range(10)) == 1
 
 
 def test_routing_weights_gated_by_stage(make):
     m = make(lambda_r=0.3)
-    assert m.routing_weights(0.8, 1) == pytest.approx((0.3 * 0.2, 0.0))  # Eq. 31, stage 1
-    assert m.routing_weights(0.8, 2) == pytest.approx((0.0, 0.3 * 0.8))
-    assert make(routing_schedule="none").routing_weights(0.8, 1) == (0.0, 0.0)
+    assert m.controller.loss_weights(0.8, 1) == pytest.approx((0.3 * 0.2, 0.0))  # Eq. 31, stage 1
+    assert m.controller.loss_weights(0.8, 2) == pytest.approx((0.0, 0.3 * 0.8))
+    assert make(routing_schedule="none").controller.loss_weights(0.8, 1) == (0.0, 0.0)
 
 
 def test_controller_survives_state_dict(make):
     m = make(trigger_window=2)
     m.train()
     for h in (0.95, 0.95, 0.95):
-        m.controller_step(h)
+        m.controller.advance(h)
     state = m.state_dict()
-    assert {"ctl_stage", "ctl_counter", "ctl_step", "ctl_switch_step"} <= set(state)
+    assert {"controller.stage", "controller.counter", "controller.step", "controller.switch_step"} <= set(state)
     fresh = make(trigger_window=2)
-    assert int(fresh.ctl_stage) == 1
+    assert int(fresh.controller.stage) == 1
     fresh.load_state_dict(state)
-    assert (int(fresh.ctl_stage), int(fresh.ctl_step), int(fresh.ctl_switch_step), int(fresh.ctl_counter)) == (2, 3, 2, 3)
+    assert (int(fresh.controller.stage), int(fresh.controller.step), int(fresh.controller.switch_step), int(fresh.controller.counter)) == (2, 3, 2, 3)
 
 
 def test_controller_frozen_in_eval(make):
@@ -156,7 +156,7 @@ def test_controller_frozen_in_eval(make):
     batch = {"users": torch.tensor([0, 1, 2]), "pos_items": torch.tensor([1, 2, 3]), "neg_items": torch.tensor([4, 5, 6])}
     with torch.no_grad():
         m.calculate_loss(batch)
-    assert int(m.ctl_step) == 0
+    assert int(m.controller.step) == 0
 
 
 # -- forward pieces -----------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_loss_parts_and_routing_stats(make):
     h_norm = float(entropy(pi_bar.detach())) / math.log(9)
     assert m.epoch_stats()["H~"] == pytest.approx(h_norm, abs=1e-5)
     assert float(out["cov"]) == pytest.approx(0.3 * (1 - h_norm) * float(coverage_loss(pi_bar)), rel=1e-4)
-    assert float(out["conf"]) == 0.0 and int(m.ctl_step) == 1
+    assert float(out["conf"]) == 0.0 and int(m.controller.step) == 1
     out["bpr"].backward()
     assert m.router.first.weight.grad is not None
 
@@ -474,3 +474,31 @@ def test_principal_projection_on_a_large_catalogue_uses_the_randomised_svd():
     captured = (feats @ proj.weight.detach().T).pow(2).sum()
     torch.testing.assert_close(captured, torch.linalg.svdvals(feats)[:4].pow(2).sum(), rtol=1e-3, atol=1e-3)
     assert float(proj.bias.abs().max()) == 0.0
+
+
+def test_stage_controller_on_its_own():
+    """models/magnet_routing.py's controller without a model: Eq. 26 with W = 2, the epoch unit, Eq. 31."""
+    from models.magnet_routing import StageController
+
+    c = StageController("entropy", 0.9, 2, "none", 1, "step", 0, 20, "lin_ent", 0.3)
+    assert [c.advance(h) for h in (0.95, 0.5, 0.92, 0.91, 0.1)] == [1, 1, 1, 2, 2]
+    assert int(c.switch_step) == 4 and int(c.step) == 5
+    per_epoch = StageController("entropy", 0.9, 1, "none", 1, "epoch", 0, 20, "lin_ent", 0.3)
+    for h in (0.95, 0.95):
+        per_epoch.advance(h)
+    assert int(per_epoch.stage) == 1
+    per_epoch.close_epoch()  # epoch mean 0.95 >= H*: W = 1 epoch -> stage 2 from the next step
+    assert int(per_epoch.stage) == 2 and int(per_epoch.switch_step) == 3 and int(per_epoch.epoch) == 1
+    assert c.loss_weights(0.25, 2) == pytest.approx((0.0, 0.075))
+
+
+def test_checkpoints_from_before_the_controller_module_still_load(make):
+    m = make()
+    m.train()
+    for h in (0.95, 0.95):
+        m.controller.advance(h)
+    old = {(k.replace("controller.", "ctl_", 1) if k.startswith("controller.") else k): v
+           for k, v in m.state_dict().items()}
+    fresh = make()
+    fresh.load_state_dict(old)
+    assert int(fresh.controller.step) == 2 and int(fresh.controller.counter) == 2

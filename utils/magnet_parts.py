@@ -35,8 +35,8 @@ class _Scorer(torch.nn.Module):
         super().__init__()
         self.model, self.score = model, score
 
-    def start_evaluation(self):
-        self.model.start_evaluation()
+    def start_evaluation(self, split=None):
+        self.model.start_evaluation(split)
 
     def end_evaluation(self):
         self.model.end_evaluation()
