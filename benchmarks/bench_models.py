@@ -45,7 +45,7 @@ def worker(args) -> None:
     from mmrec import quick_start
 
     sets = [f"epochs={args.epochs}", f"stopping_step={args.epochs + 1}", f"num_threads={args.threads}",
-            "save_topk=0"] + list(args.set or [])
+            "save_topk=0", "eval_step=1"] + list(args.set or [])  # every epoch evaluated (MIG-GT: every 20)
     if args.device == "cuda":
         sets.append("use_gpu=true")
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,6 +78,10 @@ def run_one(model: str, dataset: str, args) -> dict:
             "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _num(value, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def _ratio(value, base) -> str:
     return f"{value / base:.2f}x" if value and base else "-"
 
@@ -92,10 +96,10 @@ def table(rows: list[dict], dataset: str, device: str) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['error']} |" + " |" * 7)
             continue
-        lines.append(f"| {r['model']} | {r['seconds_per_epoch']:.2f} | {_ratio(r['seconds_per_epoch'], base.get('seconds_per_epoch'))}"
-                     f" | {r['eval_seconds']:.2f} | {_ratio(r['eval_seconds'], base.get('eval_seconds'))}"
-                     f" | {r[mem_key]} | {_ratio(r[mem_key], base.get(mem_key))} | {r['build_seconds']:.1f}"
-                     f" | {r['test_recall@20']:.4f} |")
+        lines.append(f"| {r['model']} | {_num(r['seconds_per_epoch'])} | {_ratio(r['seconds_per_epoch'], base.get('seconds_per_epoch'))}"
+                     f" | {_num(r['eval_seconds'])} | {_ratio(r['eval_seconds'], base.get('eval_seconds'))}"
+                     f" | {r[mem_key]} | {_ratio(r[mem_key], base.get(mem_key))} | {_num(r['build_seconds'], '{:.1f}')}"
+                     f" | {_num(r['test_recall@20'], '{:.4f}')} |")
     return "\n".join(lines)
 
 
@@ -128,7 +132,7 @@ def main() -> None:
             r = run_one(model, dataset, args)
             rows.append(r)
             print(f"{dataset} {model}: " + (r["error"] if "error" in r else
-                  f"{r['seconds_per_epoch']:.2f} s/epoch, {r['eval_seconds']:.2f} s/eval, "
+                  f"{_num(r['seconds_per_epoch'])} s/epoch, {_num(r['eval_seconds'])} s/eval, "
                   f"{r.get('cuda_max_allocated_mib', r['peak_rss_mib'])} MiB"), flush=True)
         results[dataset] = rows
         report.append(table(rows, dataset, args.device))
