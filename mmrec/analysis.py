@@ -64,8 +64,28 @@ def visibility(history: set[int], neighbours_a: np.ndarray, neighbours_s: np.nda
     return (len(history & set(neighbours_a.tolist())) + len(history & set(neighbours_s.tolist()))) / (2 * k)
 
 
+def visibility_buckets(v: np.ndarray) -> np.ndarray:
+    """Easy v >= .5, Medium 0 < v < .5, Hard v = 0 (Sec. 4.10), for an array of visibilities."""
+    v = np.asarray(v)
+    return np.where(v >= 0.5, "Easy", np.where(v > 0, "Medium", "Hard"))
+
+
 def visibility_bucket(v: float) -> str:
-    return "Easy" if v >= 0.5 else ("Medium" if v > 0 else "Hard")
+    return str(visibility_buckets(np.array([v]))[0])
+
+
+def pair_visibility(train, users: np.ndarray, items: np.ndarray, lists: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Sec. 4.10's v(u, i) for every pair at once: (|I_u & N^A(i)| + |I_u & N^S(i)|) / (2k), membership
+    looked up in the sorted keys of the training matrix."""
+    coo = train.tocoo()
+    n_items = train.shape[1]
+    keys = np.sort(coo.row.astype(np.int64) * n_items + coo.col)
+    hits = np.zeros(len(users))
+    for idx in lists.values():  # [n_items, k] neighbour lists of one modality
+        probe = users[:, None].astype(np.int64) * n_items + idx[items][:, :k]
+        pos = np.searchsorted(keys, probe).clip(max=max(len(keys) - 1, 0))
+        hits += (keys[pos] == probe).sum(1)
+    return hits / (2 * k)
 
 
 def activity_terciles(degrees: np.ndarray) -> np.ndarray:

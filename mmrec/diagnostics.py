@@ -39,6 +39,17 @@ def _pairs_pi(model, users: np.ndarray, items: np.ndarray, chunk: int = 65536) -
     return (np.concatenate(rows) if rows else np.zeros((0, 0))), names
 
 
+def _scaled_series(rows: list[dict], keys, x_key: str, suffix: str = "") -> dict[str, tuple[list, list]]:
+    """Each key's values against ``x_key``, scaled to [0, 1] (Figs. 7-8 draw them on one axis)."""
+    series = {}
+    for key in keys:
+        pts = [(r[x_key], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+        ys = np.array([p[1] for p in pts])
+        span = ys.max() - ys.min() if len(ys) else 0
+        series[key + suffix] = ([p[0] for p in pts], ((ys - ys.min()) / span if span else ys * 0).tolist())
+    return series
+
+
 def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
     """Routing profile on the test split's ground-truth pairs (Eqs. 33-34), modality reliance, family
     composition, the per-epoch routing dynamics with the stage switch, and validation NDCG@20 against
@@ -68,12 +79,7 @@ def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
                             f"Family composition (Div {profile['div']:.3f})", "routing mass", "family")]
     dyn_keys = [k for k in ("H~", "N_eff", "top1_share", "max_load", "signal") if any(k in r for r in history)]
     if dyn_keys:
-        series = {}
-        for key in dyn_keys:
-            pts = [(r["epoch"], float(r[key])) for r in history if isinstance(r.get(key), (int, float))]
-            ys = np.array([p[1] for p in pts])
-            span = ys.max() - ys.min() if len(ys) else 0
-            series[f"{key} (normalised)"] = ([p[0] for p in pts], ((ys - ys.min()) / span if span else ys * 0).tolist())
+        series = _scaled_series(history, dyn_keys, "epoch", " (normalised)")
         switch = next((r["epoch"] for r in history if r.get("stage") == 2), None)
         figures.append(analysis.curves_figure(out / "routing_dynamics.png", series,
                                               "Routing dynamics per epoch (each curve scaled to [0, 1])", "epoch",
@@ -82,13 +88,8 @@ def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
     trace_path = Path(run_dir) / "trace.jsonl"
     if trace_path.exists():  # per-step statistics (MAGNET's routing_trace_every): Figs. 7-8
         rows = [json.loads(line) for line in trace_path.read_text().splitlines() if line.strip()]
-        keys = ("H~", "N_eff", "top1_share", "top3_mass", "max_load", "top1_top2_gap", "hhi_norm")
-        steps = [r["step"] for r in rows]
-        series = {}
-        for key in keys:
-            ys = np.array([float(r[key]) for r in rows])
-            span = ys.max() - ys.min() if len(ys) else 0
-            series[key] = (steps, ((ys - ys.min()) / span if span else ys * 0).tolist())
+        series = _scaled_series(rows, ("H~", "N_eff", "top1_share", "top3_mass", "max_load", "top1_top2_gap",
+                                       "hhi_norm"), "step")
         switch = next((r["step"] for r in rows if r.get("stage") == 2), None)
         figures.append(analysis.curves_figure(out / "routing_trace.png", series,
                                               "Routing statistics per training step (each scaled to [0, 1])",
@@ -180,12 +181,16 @@ def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
 @torch.no_grad()
 def pair_ndcg(model, dataset, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(users, items, contribution) per test pair: 1/log2(rank + 1) when the item ranks within k of the
-    user's masked full ranking, else 0, divided by the user's IDCG@k (MAGNET.md Sec. 11's decision)."""
-    from mmrec.evaluation import _masked_scores
+    user's masked full ranking, else 0, divided by the user's IDCG@k (MAGNET.md Sec. 11's decision).
+    Summed over a user's pairs it is the user's NDCG@k; ranks come from one comparison per block."""
+    from mmrec.evaluation import _masked_scores, _row_keys
 
     test = dataset.test_matrix.tocsr()
     train = dataset.train_matrix.tocsr()
     users = np.flatnonzero(np.diff(test.indptr) > 0)
+    n_pos = np.diff(test.indptr)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    idcg = np.concatenate([[1.0], np.cumsum(discount)])  # idcg[m] for m relevant items (m <= k)
     device = getattr(model, "device", torch.device("cpu"))
     out_u, out_i, out_c = [], [], []
     model.eval()
@@ -194,13 +199,13 @@ def pair_ndcg(model, dataset, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.n
         for lo in range(0, len(users), 1024):
             block = users[lo:lo + 1024]
             scores = _masked_scores(model, block, train, device).cpu()
-            for row, u in enumerate(block):
-                items = test.indices[test.indptr[u]:test.indptr[u + 1]]
-                ranks = 1 + (scores[row].unsqueeze(0) > scores[row, items].unsqueeze(1)).sum(1).numpy()
-                idcg = sum(1 / np.log2(r + 1) for r in range(1, min(len(items), k) + 1))
-                out_u.append(np.full(len(items), u))
-                out_i.append(items)
-                out_c.append(np.where(ranks <= k, 1 / np.log2(ranks + 1), 0.0) / idcg)
+            rows, items = _row_keys(test, block, dataset.n_items)
+            ranks = 1 + (scores[rows] > scores[rows, items].unsqueeze(1)).sum(1).numpy()
+            u = block[rows.numpy()]
+            gain = np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0)
+            out_u.append(u)
+            out_i.append(items.numpy())
+            out_c.append(gain / idcg[np.minimum(n_pos[u], k)])
     finally:
         model.end_evaluation()
     return np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_c)
@@ -223,9 +228,7 @@ def dv_sv_gain(dv_dir: Path, sv_dir: Path, out: Path | None = None) -> Path:
     k = int(cfg_dv.get("knn_k", 10))
     lists = {m: graph.cached_knn(data_dv, m, k, include_self=False)[0] for m in ("v", "t")}
     train = data_dv.train_matrix.tocsr()
-    vis = np.array([analysis.visibility(set(train.indices[train.indptr[a]:train.indptr[a + 1]].tolist()),
-                                        lists["v"][b], lists["t"][b], k) for a, b in zip(u, i)])
-    buckets = np.array([analysis.visibility_bucket(v) for v in vis])
+    buckets = analysis.visibility_buckets(analysis.pair_visibility(train, u, i, lists, k))
     activity = analysis.activity_terciles(np.diff(train.indptr))[u]
     report = {"dv": str(dv_dir), "sv": str(sv_dir), "dataset": cfg_dv["dataset"], "visibility": {}, "activity": {}}
     for name, labels, order in (("visibility", buckets, ("Easy", "Medium", "Hard")),

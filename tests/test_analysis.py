@@ -91,3 +91,44 @@ def test_analyse_explain_plot_on_a_magnet_run(tmp_path):
     assert no_router.returncode == 2 and "has no router" in no_router.stderr
     plots = _main("plot", str(run), str(bpr), "--out", str(tmp_path / "plots"))
     assert plots.returncode == 0 and (tmp_path / "plots" / "valid_metrics.png").exists()
+
+
+def test_pair_visibility_matches_the_definition():
+    import scipy.sparse as sp
+
+    from mmrec.analysis import pair_visibility
+
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((np.ones(40), (rng.integers(0, 6, 40), rng.integers(0, 12, 40))), shape=(6, 12))
+    train.data[:] = 1.0
+    lists = {m: np.stack([rng.choice(np.delete(np.arange(12), i), 3, replace=False) for i in range(12)])
+             for m in ("v", "t")}
+    users, items = rng.integers(0, 6, 30), rng.integers(0, 12, 30)
+    got = pair_visibility(train, users, items, lists, 3)
+    want = [visibility(set(train[u].indices.tolist()), lists["v"][i], lists["t"][i], 3) for u, i in zip(users, items)]
+    np.testing.assert_allclose(got, want)
+
+
+def test_pair_ndcg_sums_to_the_evaluators_ndcg_and_dv_sv_buckets_cover_every_pair(tmp_path):
+    pytest.importorskip("matplotlib")
+    import utils.synth  # noqa: F401
+    from mmrec.diagnostics import pair_ndcg
+    from mmrec.evaluation import evaluate
+    from mmrec.quick_start import load_trained
+
+    data = ["--set", f"data_path={tmp_path / 'data'}", "--set", f"cache_dir={tmp_path / 'cache'}",
+            "--set", "num_threads=1", "--set", "epochs=1", "--set", "knn_k=5", "--set", "expansion_r=10"]
+    for view in ("DV", "SV"):
+        assert _main("-m", "MAGNET", "-d", "tiny", *data, "--set", f"view={view}",
+                     "--out", str(tmp_path / view)).returncode == 0
+    _, dataset, model = load_trained(tmp_path / "DV")
+    users, _, contrib = pair_ndcg(model, dataset)
+    per_user = np.bincount(users, weights=contrib)[np.unique(users)]
+    want = evaluate(model, dataset, "test", [20], ["ndcg"])["metrics"]["ndcg@20"]
+    assert per_user.mean() == pytest.approx(want, rel=1e-5)
+    res = _main("analyse", "--dv", str(tmp_path / "DV"), "--sv", str(tmp_path / "SV"))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "DV" / "analysis" / "dv_sv.json").read_text())
+    n_test = dataset.test_matrix.nnz
+    assert sum(b["pairs"] for b in report["visibility"].values()) == n_test
+    assert sum(b["pairs"] for b in report["activity"].values()) == n_test
