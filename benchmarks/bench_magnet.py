@@ -103,7 +103,7 @@ def magnet_phases(model, batch: dict) -> dict:
 
     def cues():
         model.zero_grad()
-        for proj, feats in ((model.proj_visual, model.v_feat), (model.proj_text, model.t_feat)):
+        for proj, feats in ((model.image_proj, model.v_feat), (model.text_proj, model.t_feat)):
             h_items, h_users = model._cues(proj, feats, users, items)
             _backward_of(torch.cat([h_items, h_users]))
     out["cues f_A, f_S (Eqs. 7-8)"] = _timed(cues, 3)[0]

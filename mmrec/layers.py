@@ -14,6 +14,8 @@ normalised training adjacency [U, I], ``S_m`` an item-item kNN graph [I, I].
                                     common = sum_m a_m X_m   (MGCN Eq. 8-9, GUME's attribute separation).
 - ``item_graph_view(S, R, e, L)``:  i = S^L e, u = R i, returns [u; i]   (the item-item view of MGCN,
                                     SMORE, GUME, SOIL: propagate on the item graph, pull to users).
+- ``xavier_tables(*rows, dim)``:    the ID embedding tables every model starts from, Xavier-initialised
+                                    (MMRec's convention), in the references' random-stream order.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from mmrec.graph import spmm
 
-__all__ = ["SigmoidGate", "BehaviourPurifier", "ScalarAttentionFuser", "item_graph_view"]
+__all__ = ["SigmoidGate", "BehaviourPurifier", "ScalarAttentionFuser", "item_graph_view", "xavier_tables"]
 
 
 class SigmoidGate(nn.Module):
@@ -74,3 +76,17 @@ def item_graph_view(item_graph: torch.Tensor, user_item: torch.Tensor, item_embe
         h = spmm(item_graph, h)
     users = spmm(user_item, h)
     return torch.cat([users, h], dim=0)
+
+
+def xavier_tables(*rows: int, dim: int, init: str = "uniform") -> list[nn.Embedding]:
+    """``nn.Embedding(rows_k, dim)`` tables with Xavier-uniform (or ``init="normal"``: Xavier-normal) weights.
+
+    Every table is created before any is re-initialised, the order MMRec's models use, so a seed draws the
+    same numbers as the reference code (and as this toolkit's runs before the tables were shared)."""
+    if init not in ("uniform", "normal"):
+        raise ValueError(f"xavier_tables: init must be 'uniform' or 'normal', got {init!r}")
+    tables = [nn.Embedding(n, dim) for n in rows]
+    fill = nn.init.xavier_uniform_ if init == "uniform" else nn.init.xavier_normal_
+    for table in tables:
+        fill(table.weight)
+    return tables

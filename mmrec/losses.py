@@ -1,11 +1,13 @@
 """Shared loss functions (BASELINES.md section 1.3).  Every model calls these.
 
 - ``bpr_loss(pos, neg, variant)``: ``mean`` (-logsigmoid, no epsilon), ``eps`` (-ln(1e-10 + sigmoid):
-  MMRec BPR/LightGCN), ``log2`` (-log2 sigmoid: MENTOR).
+  MMRec BPR/LightGCN), ``log2`` (-log2 sigmoid: MENTOR); ``dot_bpr(u, p, n, variant)`` on dot-product scores.
 - ``emb_loss``: MMRec's EmbLoss, the sum of *non-squared* Frobenius norms divided by the batch size.
 - ``half_sq``: 0.5 * sum of squared norms / configured batch size.
 - ``info_nce``: in-batch InfoNCE on L2-normalised views, positives on the diagonal (``info_nce_both_ways``:
   both directions from one similarity matrix).
+- ``side_content_nce``: the MGCN family's contrastive term between two [U+I, d] representations, on the
+  batch's users and items.
 - ``mean_var_alignment``: |var(X) - var(Y)| + |mean(X) - mean(Y)| over whole tensors.
 - ``simgcl_perturb``: x + sign(x) * normalize(U[0,1) noise) * eps.
 """
@@ -26,6 +28,12 @@ def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor, variant: str = 
     if variant == "log2":
         return -(F.logsigmoid(diff) / math.log(2.0)).mean()
     raise ValueError(f"unknown BPR variant {variant!r}; use mean, eps or log2")
+
+
+def dot_bpr(users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Tensor,
+            variant: str = "mean") -> torch.Tensor:
+    """BPR on dot-product scores: ``bpr_loss(<u, p>, <u, n>, variant)`` for rows of [batch, d] tensors."""
+    return bpr_loss((users * pos_items).sum(-1), (users * neg_items).sum(-1), variant)
 
 
 def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:
@@ -55,6 +63,16 @@ def info_nce_both_ways(view1: torch.Tensor, view2: torch.Tensor, temperature: fl
     logits = _cosine_logits(view1, view2, temperature)
     target = torch.arange(logits.shape[0], device=logits.device)
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+def side_content_nce(side: torch.Tensor, content: torch.Tensor, n_users: int, users: torch.Tensor,
+                     items: torch.Tensor, temperature: float, user_temperature: float | None = None) -> torch.Tensor:
+    """InfoNCE(side_i[items], content_i[items]) + InfoNCE(side_u[users], content_u[users]) on [U+I, d]
+    representations (users first): MGCN Eq. 14 and its descendants (SMORE, GUME's b-m term, SOIL, CMDL).
+    ``user_temperature`` defaults to ``temperature`` (CMDL uses two)."""
+    user_t = temperature if user_temperature is None else user_temperature
+    return (info_nce(side[n_users + items], content[n_users + items], temperature)
+            + info_nce(side[users], content[users], user_t))
 
 
 def info_nce_blocked(view1: torch.Tensor, view2: torch.Tensor, temperature: float,

@@ -44,6 +44,10 @@ class AbstractRecommender(nn.Module):
     no_weight_decay: tuple[str, ...] = ()
     lr_scale: dict[str, float] = {}
     reset_optimizer_each_epoch: bool = False
+    #: parameter-name prefixes renamed since checkpoints were written ({old: new}); loading maps them
+    renamed_parameters: dict[str, str] = {}
+    #: True on a shared skeleton that is not a model itself (the registry then does not list it)
+    abstract_model: bool = False
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -100,6 +104,12 @@ class AbstractRecommender(nn.Module):
         """Per-step rows recorded since the last call (the trainer appends them to trace.jsonl each epoch)."""
         return []
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self.renamed_parameters.items():  # checkpoints from before a rename
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- evaluation pass caching --------------------------------------------------------------
     def start_evaluation(self, split: str | None = None) -> None:
         """An evaluation pass begins (on ``split``, readable as ``self.eval_split``)."""
@@ -127,6 +137,11 @@ class GeneralRecommender(AbstractRecommender):
     features sets ``uses_features = False``: the dataset then neither requires nor loads feature files."""
 
     uses_features = True
+    #: one name per thing across models (ID tables ``user_embedding`` / ``item_embedding``, feature
+    #: projections ``image_proj`` / ``text_proj``); checkpoints written under the earlier names still load
+    renamed_parameters = {"item_id_embedding.": "item_embedding.", "image_trs.": "image_proj.",
+                          "text_trs.": "text_proj.", "v_proj.": "image_proj.", "t_proj.": "text_proj.",
+                          "proj_visual.": "image_proj.", "proj_text.": "text_proj."}
     #: True in a model that needs both image and text features: a null feature-file key is a configuration
     #: error before any data is loaded, and ``__init__`` checks that the loaded dataset has both
     needs_both_modalities = False

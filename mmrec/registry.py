@@ -34,7 +34,8 @@ def available_models() -> dict[str, type]:
             _BROKEN[info.name] = f"{type(err).__name__}: {err}"
             continue
         for name, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, AbstractRecommender) and obj.__module__ == module.__name__:
+            if (issubclass(obj, AbstractRecommender) and obj.__module__ == module.__name__
+                    and not obj.__dict__.get("abstract_model", False)):
                 found[name] = obj
     return found
 

@@ -6,8 +6,8 @@ plus ``reg_weight * EmbLoss`` (non-squared Frobenius norms / batch) on the batch
 """
 from __future__ import annotations
 
-from torch import nn
 
+from mmrec.layers import xavier_tables
 from mmrec.losses import bpr_loss, emb_loss
 from mmrec.recommender import GeneralRecommender
 
@@ -21,10 +21,8 @@ class BPR(GeneralRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.reg_weight = float(config["reg_weight"])
-        self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
-        self.item_embedding = nn.Embedding(self.n_items, self.embedding_size)
-        nn.init.xavier_normal_(self.user_embedding.weight)
-        nn.init.xavier_normal_(self.item_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items,
+                                                                 dim=self.embedding_size, init="normal")
 
     def calculate_loss(self, interaction):
         u = self.user_embedding(interaction["users"])

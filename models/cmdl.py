@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrec import graph
-from mmrec.layers import BehaviourPurifier, ScalarAttentionFuser, SigmoidGate
-from mmrec.losses import bpr_loss, half_sq, info_nce
+from mmrec.layers import BehaviourPurifier, ScalarAttentionFuser, SigmoidGate, xavier_tables
+from mmrec.losses import dot_bpr, half_sq, side_content_nce
 from mmrec.recommender import GeneralRecommender
 
 
@@ -107,18 +107,15 @@ class CMDL(GeneralRecommender):
         self.n_ui_layers = int(config["n_ui_layers"])
         self.knn_k = int(config["knn_k"])
         self.reg_weight = float(config["reg_weight"])
-        self.cl_weight = float(config["cl_loss"])
-        self.mi_weight = float(config["mi_loss"])
+        self.cl_loss = float(config["cl_loss"])
+        self.mi_loss = float(config["mi_loss"])
         self.info_pos, self.info_neg = float(config["info_pos"]), float(config["info_neg"])
         self.batch_size = int(config["train_batch_size"])
         self.critic_lr = float(config["learning_rate"])
         self.critic_weight_decay = float(config["critic_weight_decay"])
         self.mi_index_quirk = bool(config["mi_index_quirk"])
 
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_embedding = nn.Embedding(self.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=d)
         train_raw = bool(config["train_raw_features"])
         self.v_raw = nn.Parameter(self.v_feat.clone(), requires_grad=train_raw)
         self.t_raw = nn.Parameter(self.t_feat.clone(), requires_grad=train_raw)
@@ -129,8 +126,8 @@ class CMDL(GeneralRecommender):
         self.v_graph = self.item_knn("v", self.knn_k, "sim")
         self.t_graph = self.item_knn("t", self.knn_k, "sim")
 
-        self.v_proj = nn.Linear(self.v_feat.shape[1], d)
-        self.t_proj = nn.Linear(self.t_feat.shape[1], d)
+        self.image_proj = nn.Linear(self.v_feat.shape[1], d)
+        self.text_proj = nn.Linear(self.t_feat.shape[1], d)
         self.v_purifier = BehaviourPurifier(d)
         self.t_purifier = BehaviourPurifier(d)
         self.fuser = ScalarAttentionFuser(d)
@@ -162,8 +159,8 @@ class CMDL(GeneralRecommender):
         item_id = self.item_embedding.weight
         content = graph.propagate(self.adj, torch.cat([self.user_embedding.weight, item_id]), self.n_ui_layers)
         views = {}
-        for m, raw, proj, purifier, item_graph in (("v", self.v_raw, self.v_proj, self.v_purifier, self.v_graph),
-                                                  ("t", self.t_raw, self.t_proj, self.t_purifier, self.t_graph)):
+        for m, raw, proj, purifier, item_graph in (("v", self.v_raw, self.image_proj, self.v_purifier, self.v_graph),
+                                                  ("t", self.t_raw, self.text_proj, self.t_purifier, self.t_graph)):
             items = graph.spmm(item_graph, purifier(item_id, proj(raw)))   # S_m e_m
             views[m] = torch.cat([graph.spmm(self.R, items), items])         # X_m = [R S_m e_m; S_m e_m]
         shared, _ = self.fuser([views["v"], views["t"]])                         # S
@@ -202,15 +199,13 @@ class CMDL(GeneralRecommender):
         out = self.forward()
         zu, zi = out["z"][: self.n_users], out["z"][self.n_users:]
         u, p, n = zu[users], zi[pos], zi[neg]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "mean")
+        bpr = dot_bpr(u, p, n, "mean")
         reg = self.reg_weight * half_sq(u, p, n, batch_size=self.batch_size)
-        side_u, side_i = out["side"][: self.n_users], out["side"][self.n_users:]
-        c_u, c_i = out["content"][: self.n_users], out["content"][self.n_users:]
-        cl = info_nce(side_i[pos], c_i[pos], self.info_pos) + info_nce(side_u[users], c_u[users], self.info_neg)
+        cl = side_content_nce(out["side"], out["content"], self.n_users, users, pos, self.info_pos, self.info_neg)
         mi = self.mi_upper_terms(out, self._mi_rows(pos)) + self.mi_upper_terms(out, self._mi_rows(neg))
         self._pending_critic_batch = {"pos": pos.detach(), "neg": neg.detach()}
         self._last_weights = out["weights"]
-        return {"bpr": bpr, "reg": reg, "cl": self.cl_weight * cl, "mi": self.mi_weight * mi}
+        return {"bpr": bpr, "reg": reg, "cl": self.cl_loss * cl, "mi": self.mi_loss * mi}
 
     def critic_step(self, pos: torch.Tensor, neg: torch.Tensor) -> float:
         """Train the four CLUB critics by maximising their NCE lower bound on a fresh forward (the

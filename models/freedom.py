@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from mmrec import graph
-from mmrec.losses import bpr_loss
+from mmrec.layers import xavier_tables
+from mmrec.losses import dot_bpr
 from mmrec.recommender import GeneralRecommender
 
 
@@ -52,10 +53,7 @@ class FREEDOM(GeneralRecommender):
         if self.v_feat is None and self.t_feat is None:
             raise ValueError("FREEDOM needs image or text features; the dataset provides neither")
 
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_id_embedding = nn.Embedding(self.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=d)
 
         # user-item graphs (training split only)
         self.full_adj = self.norm_adj("sym_eps")
@@ -67,10 +65,10 @@ class FREEDOM(GeneralRecommender):
 
         if self.v_feat is not None:
             self.image_embedding = nn.Embedding.from_pretrained(self.v_feat, freeze=False)
-            self.image_trs = nn.Linear(self.v_feat.shape[1], feat_dim)
+            self.image_proj = nn.Linear(self.v_feat.shape[1], feat_dim)
         if self.t_feat is not None:
             self.text_embedding = nn.Embedding.from_pretrained(self.t_feat, freeze=False)
-            self.text_trs = nn.Linear(self.t_feat.shape[1], feat_dim)
+            self.text_proj = nn.Linear(self.t_feat.shape[1], feat_dim)
 
     def _item_graph(self, dataset):
         knn = {m: graph.knn_graph(dataset, m, self.knn_k, "bin", True, graph.DEGREE_EPS)
@@ -88,10 +86,10 @@ class FREEDOM(GeneralRecommender):
                                                       self.n_items, self.drop_ratio)
 
     def forward(self, adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.item_id_embedding.weight
+        h = self.item_embedding.weight
         for _ in range(self.n_mm_layers):  # Eq. 3
             h = graph.spmm(self.mm_adj, h)
-        ego = torch.cat([self.user_embedding.weight, self.item_id_embedding.weight], dim=0)
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
         c = graph.propagate(adj, ego, self.n_ui_layers)
         return c[: self.n_users], c[self.n_users:] + h  # Eq. 7
 
@@ -101,16 +99,16 @@ class FREEDOM(GeneralRecommender):
             self.pre_epoch_processing()
         zu, zi = self.forward(self.train_adj)
         u = zu[users]
-        parts = {"bpr": bpr_loss((u * zi[pos]).sum(-1), (u * zi[neg]).sum(-1), "mean")}
+        parts = {"bpr": dot_bpr(u, zi[pos], zi[neg], "mean")}
         if self.reg_weight != 0.0:  # Eq. 8-9: modality BPR terms
             # project each distinct batch item once (at most min(2B, I) rows; the reference projects all I)
             items, where = torch.unique(torch.cat([pos, neg]), return_inverse=True)
             where_pos, where_neg = where[: pos.numel()], where[pos.numel():]
             modal = u.new_zeros(())
-            for table, proj in (("text_embedding", "text_trs"), ("image_embedding", "image_trs")):
+            for table, proj in (("text_embedding", "text_proj"), ("image_embedding", "image_proj")):
                 if hasattr(self, table):
                     feats = getattr(self, proj)(getattr(self, table)(items))
-                    modal = modal + bpr_loss((u * feats[where_pos]).sum(-1), (u * feats[where_neg]).sum(-1), "mean")
+                    modal = modal + dot_bpr(u, feats[where_pos], feats[where_neg], "mean")
             parts["modal_bpr"] = self.reg_weight * modal
         return parts
 

@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from mmrec import graph
-from mmrec.layers import BehaviourPurifier, ScalarAttentionFuser, SigmoidGate, item_graph_view
-from mmrec.losses import bpr_loss, half_sq, info_nce, mean_var_alignment, simgcl_perturb
+from mmrec.layers import BehaviourPurifier, ScalarAttentionFuser, SigmoidGate, item_graph_view, xavier_tables
+from mmrec.losses import dot_bpr, half_sq, info_nce, side_content_nce, mean_var_alignment, simgcl_perturb
 from mmrec.recommender import GeneralRecommender
 
 
@@ -113,13 +113,9 @@ class GUME(GeneralRecommender):
         self.um_temp = float(config["um_temp"])
         self.batch_size = int(config["train_batch_size"])
 
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_id_embedding = nn.Embedding(self.n_items, d)
-        self.extended_image_user = nn.Embedding(self.n_users, d)  # F_v
-        self.extended_text_user = nn.Embedding(self.n_users, d)   # F_t
-        for table in (self.user_embedding, self.item_id_embedding, self.extended_image_user,
-                      self.extended_text_user):
-            nn.init.xavier_uniform_(table.weight)
+        # ID tables and the users' extended modality tables F_v, F_t
+        (self.user_embedding, self.item_embedding, self.extended_image_user,
+         self.extended_text_user) = xavier_tables(self.n_users, self.n_items, self.n_users, self.n_users, dim=d)
         # raw features are trainable in the reference (nn.Embedding.from_pretrained(freeze=False))
         self.image_features = nn.Parameter(self.v_feat.clone())
         self.text_features = nn.Parameter(self.t_feat.clone())
@@ -166,7 +162,7 @@ class GUME(GeneralRecommender):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self) -> dict[str, torch.Tensor]:
-        item_ids = self.item_id_embedding.weight
+        item_ids = self.item_embedding.weight
         image_items = self.image_purifier(item_ids, self.image_proj(self.image_features))  # e_v
         text_items = self.text_purifier(item_ids, self.text_proj(self.text_features))      # e_t
 
@@ -199,15 +195,14 @@ class GUME(GeneralRecommender):
         out = self.forward()
         z_users, z_items = self._split(out["final"])
         u, p, n = z_users[users], z_items[pos_items], z_items[neg_items]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "mean")
+        bpr = dot_bpr(u, p, n, "mean")
         reg = self.reg_weight_1 * half_sq(u, p, n, batch_size=self.batch_size)
 
-        integ_users, integ_items = self._split(out["integration"])
-        id_users, id_items = self._split(out["extended_id"])
+        integ_users = out["integration"][: self.n_users]
         modal_users, modal_items = self._split(out["extended_modal"])
         vt = self.vt_loss * mean_var_alignment(out["explicit_image"], out["explicit_text"])
-        bm = self.bm_loss * (info_nce(integ_users[users], id_users[users], self.bm_temp)
-                             + info_nce(integ_items[pos_items], id_items[pos_items], self.bm_temp))
+        bm = self.bm_loss * side_content_nce(out["integration"], out["extended_id"], self.n_users, users, pos_items,
+                                             self.bm_temp)
         um = self.um_loss * (info_nce(modal_users[users], integ_users[users], self.um_temp)
                              + self._noise_nce(integ_users, users) + self._noise_nce(modal_users, users))
         reg2 = self.reg_weight_2 * half_sq(modal_items[pos_items], batch_size=self.batch_size)

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrec import graph
-from mmrec.losses import bpr_loss, half_sq, info_nce
+from mmrec.layers import xavier_tables
+from mmrec.losses import dot_bpr, half_sq, info_nce
 from mmrec.recommender import GeneralRecommender
 
 
@@ -115,7 +116,7 @@ class ITCoHDMRec(GeneralRecommender):
         self.n_hyper_layers = int(config["n_hyper_layers"])
         self.hyper_num = int(config["hyper_num"])
         self.keep_rate = float(config["keep_rate"])
-        self.tau = float(config["hyper_temperature"])
+        self.hyper_temperature = float(config["hyper_temperature"])
         self.alpha = float(config["alpha"])
         self.prune_ratio = float(config["prune_ratio"])
         self.reg_weight = float(config["reg_weight"])
@@ -125,10 +126,7 @@ class ITCoHDMRec(GeneralRecommender):
         self.batch_size = int(config["train_batch_size"])
         self.steps = int(config["diff_steps"])
 
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_embedding = nn.Embedding(self.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=d)
         self.proj = nn.ModuleDict({m: nn.Linear(f.shape[1], d, bias=False)
                                    for m, f in (("v", self.v_feat), ("t", self.t_feat))})
         self.hyper = nn.ParameterDict({m: nn.Parameter(torch.empty(f.shape[1], self.hyper_num))
@@ -193,10 +191,10 @@ class ITCoHDMRec(GeneralRecommender):
         out = []
         for logits in (logits_u, logits_i):
             if self.training:
-                h = F.gumbel_softmax(logits, tau=self.tau, hard=False, dim=-1)
+                h = F.gumbel_softmax(logits, tau=self.hyper_temperature, hard=False, dim=-1)
                 h = F.dropout(h, 1.0 - self.keep_rate, training=True)
             else:
-                h = torch.softmax(logits / self.tau, dim=-1)
+                h = torch.softmax(logits / self.hyper_temperature, dim=-1)
             out.append(h)
         return out[0], out[1]
 
@@ -251,7 +249,7 @@ class ITCoHDMRec(GeneralRecommender):
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         out = self.forward()
         u, p, n = out["z_u"][users], out["z_i"][pos], out["z_i"][neg]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "mean")
+        bpr = dot_bpr(u, p, n, "mean")
         reg = self.reg_weight * half_sq(u, p, n, batch_size=self.batch_size)
         nu, tau = self.n_users, self.cl_temperature
         mc = (info_nce(out["x_v"][:nu][users], out["x_t"][:nu][users], tau)

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrec import graph
-from mmrec.losses import bpr_loss, half_sq
+from mmrec.layers import xavier_tables
+from mmrec.losses import dot_bpr, half_sq
 from mmrec.recommender import GeneralRecommender
 
 Edges = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (rows, cols, values) of a sparse I x I graph
@@ -91,10 +92,7 @@ class LATTICE(GeneralRecommender):
         self.rebuild_every_batch = bool(config["rebuild_graph_every_batch"])
 
         self.adj = self.norm_adj("rw_self_loop")
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_id_embedding = nn.Embedding(self.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=d)
 
         self.modalities = [m for m, f in (("v", self.v_feat), ("t", self.t_feat)) if f is not None]
         self.original: dict[str, Edges] = {}
@@ -149,10 +147,10 @@ class LATTICE(GeneralRecommender):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, item_adj: Edges) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.item_id_embedding.weight
+        h = self.item_embedding.weight
         for _ in range(self.n_layers):  # Eq. 6
             h = sparse_apply(item_adj, h)
-        ego = torch.cat([self.user_embedding.weight, self.item_id_embedding.weight], dim=0)
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
         c = graph.propagate(self.adj, ego, self.n_ui_layers)
         return c[: self.n_users], c[self.n_users:] + F.normalize(h, p=2, dim=1)
 
@@ -167,7 +165,7 @@ class LATTICE(GeneralRecommender):
             item_adj = self._item_adj
         zu, zi = self.forward(item_adj)
         u, p, n = zu[users], zi[pos], zi[neg]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "mean")
+        bpr = dot_bpr(u, p, n, "mean")
         return {"bpr": bpr, "reg": self.reg_weight * half_sq(u, p, n, batch_size=self.batch_size)}
 
     def full_sort_predict(self, interaction):

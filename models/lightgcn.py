@@ -9,10 +9,10 @@ embeddings of the batch.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from mmrec.graph import propagate
-from mmrec.losses import bpr_loss, emb_loss
+from mmrec.layers import xavier_tables
+from mmrec.losses import dot_bpr, emb_loss
 from mmrec.recommender import GeneralRecommender
 
 
@@ -26,10 +26,7 @@ class LightGCN(GeneralRecommender):
         super().__init__(config, dataset)
         self.n_layers = int(config["n_layers"])
         self.reg_weight = float(config["reg_weight"])
-        self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
-        self.item_embedding = nn.Embedding(self.n_items, self.embedding_size)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=self.embedding_size)
         self.adj = self.norm_adj("sym_eps")
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +38,7 @@ class LightGCN(GeneralRecommender):
         users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         zu, zi = self.forward()
         u, p, n = zu[users], zi[pos_items], zi[neg_items]
-        loss = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "eps")
+        loss = dot_bpr(u, p, n, "eps")
         reg = emb_loss(self.user_embedding(users), self.item_embedding(pos_items), self.item_embedding(neg_items))
         return {"bpr": loss, "reg": self.reg_weight * reg}
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from mmrec import graph, native
 from mmrec.losses import bpr_loss, half_sq, info_nce_both_ways
+from mmrec.layers import xavier_tables
 from mmrec.recommender import GeneralRecommender
 from models.magnet_routing import (SCHEDULES, STAGE_WEIGHTS, StageController, confidence_loss,  # noqa: F401
                                    coverage_loss, entropy, stage_weight_factors)
@@ -284,8 +285,7 @@ class MAGNET(GeneralRecommender):
         self.fixed_switch_epoch = int(cfg["fixed_switch_epoch"])
 
         # shared ID embeddings e^(0) (Xavier-uniform, MMRec's convention)
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_embedding = nn.Embedding(self.n_items, d)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=d)
         if str(cfg["weight_decay_on"]) == "non_embedding":  # ID tables learn under Adam without the
             self.no_weight_decay = ("user_embedding", "item_embedding")  # decay pulling absent rows to 0
         # per-group learning-rate factors (docs/magnet.md): the ID path enters every expert scaled by its
@@ -293,9 +293,7 @@ class MAGNET(GeneralRecommender):
         self.lr_scale = {prefix: float(cfg[key]) for key, prefixes in (
             ("embedding_lr_scale", ("user_embedding", "item_embedding")),
             ("head_lr_scale", ("heads", "score_vector")),
-            ("cue_lr_scale", ("proj_visual", "proj_text"))) for prefix in prefixes}
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+            ("cue_lr_scale", ("image_proj", "text_proj"))) for prefix in prefixes}
         self._build_views(cfg)
 
         # modality cues (Eqs. 7-8): f_m linear; user cue = row-normalised R_train times H^m
@@ -312,11 +310,11 @@ class MAGNET(GeneralRecommender):
         if self.cue_centering:
             self.v_feat = self.v_feat - self.v_feat.mean(0, keepdim=True)
             self.t_feat = self.t_feat - self.t_feat.mean(0, keepdim=True)
-        self.proj_visual = nn.Linear(self.v_feat.shape[1], d, bias=not self.cue_centering)
-        self.proj_text = nn.Linear(self.t_feat.shape[1], d, bias=not self.cue_centering)
+        self.image_proj = nn.Linear(self.v_feat.shape[1], d, bias=not self.cue_centering)
+        self.text_proj = nn.Linear(self.t_feat.shape[1], d, bias=not self.cue_centering)
         self.cue_init = str(cfg["cue_init"])
         if self.cue_init == "pca":  # f_m starts as the projection on the top-d principal directions of its input
-            for proj, feats in ((self.proj_visual, self.v_feat), (self.proj_text, self.t_feat)):
+            for proj, feats in ((self.image_proj, self.v_feat), (self.text_proj, self.t_feat)):
                 principal_projection_(proj, feats)
         coo = self.train_matrix.tocoo()
         deg = np.asarray(self.train_matrix.sum(axis=1)).ravel()
@@ -459,8 +457,8 @@ class MAGNET(GeneralRecommender):
         if views["uig"] is not None:
             z_uig = graph.propagate(views["uig"], ego, self.n_layers, rows=rows)
             out.update(z_uig=z_uig, z=0.5 * (z_ui + z_uig))  # Eq. 6
-        h_item_a, h_user_a = self._cues(self.proj_visual, self.v_feat, users, items)  # Eqs. 7-8
-        h_item_s, h_user_s = self._cues(self.proj_text, self.t_feat, users, items)
+        h_item_a, h_user_a = self._cues(self.image_proj, self.v_feat, users, items)  # Eqs. 7-8
+        h_item_s, h_user_s = self._cues(self.text_proj, self.t_feat, users, items)
         z, n_u = out["z"], out["n_users"]
         # router input q = [z_u; z_i] (Eq. 16); `router_grad: detach` stops the routing path's gradient into z
         out["z_router"] = z.detach() if self.router_grad == "detach" else z

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrec.graph import spmm
-from mmrec.losses import bpr_loss, info_nce_blocked, mean_var_alignment, simgcl_perturb
+from mmrec.losses import dot_bpr, info_nce_blocked, mean_var_alignment, simgcl_perturb
 from mmrec.recommender import GeneralRecommender
 
 NOISE_EPS = 0.1  # SimGCL magnitude, hard-coded in the reference
@@ -151,7 +151,7 @@ class MENTOR(GeneralRecommender):
         fused, nu = out["fused"], self.n_users
         self._last_batch_scoring = fused.detach()  # what the reference's full_sort_predict scores with
         u, p, n = fused[users], fused[nu + pos_items], fused[nu + neg_items]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "log2")
+        bpr = dot_bpr(u, p, n, "log2")
         reg = self.reg_weight * (self.v_gcn.preference[users].pow(2).mean()
                                  + self.t_gcn.preference[users].pow(2).mean() + self.weight_u.pow(2).mean())
         views = [out["fused"], out["guide"], out["visual"], out["text"]]

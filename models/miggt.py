@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrec import graph
-from mmrec.losses import bpr_loss
+from mmrec.losses import dot_bpr
 from mmrec.recommender import GeneralRecommender
 
 
@@ -198,7 +198,7 @@ class MIGGT(GeneralRecommender):
         u = zu[users]
         batch = users.shape[0]
         # BPR as 2-way softmax cross-entropy, summed: sum softplus(s_neg - s_pos)
-        mf = bpr_loss((u * zi[pos_items]).sum(-1), (u * zi[neg_items]).sum(-1), "mean") * batch
+        mf = dot_bpr(u, zi[pos_items], zi[neg_items], "mean") * batch
         l2 = self.l2_coef * 0.5 * z.pow(2).sum()
         # unsmooth: z_u must select item i's own output token among its C+1 tokens
         logits = torch.einsum("bd,bcd->bc", u, tokens[pos_items + self.n_users])

@@ -12,7 +12,7 @@ Recommendation (Ong & Khong, WSDM 2025).
     side = mean(g_v * X'_v, g_t * X'_t, g_f * X_f),  g_m = dropout(sigmoid(W'_m C + b'_m))
     Z    = C + side,  y_ui = <Z_u, Z_i>
 
-Loss (as MGCN): BPR-mean + reg_weight * HalfSq(final batch) / train_batch_size
+Loss (MGCN's, one implementation: ``models.mgcn.MGCNFamily``): BPR-mean + reg_weight * HalfSq(final batch) / train_batch_size
 + cl_loss * [InfoNCE(side_i[pos], C_i[pos]) + InfoNCE(side_u[b], C_u[b])].
 
 Parity with MMRec ``src/models/smore.py`` (= kennethorq/SMORE): complex filters drawn N(0, 1) for real
@@ -33,8 +33,7 @@ from torch import nn
 
 from mmrec import graph
 from mmrec.layers import BehaviourPurifier, SigmoidGate, item_graph_view
-from mmrec.losses import bpr_loss, half_sq, info_nce
-from mmrec.recommender import GeneralRecommender
+from models.mgcn import MGCNFamily
 
 
 def max_union(a: sp.spmatrix, b: sp.spmatrix) -> sp.csr_matrix:
@@ -63,44 +62,15 @@ class DimensionPreference(nn.Module):
         return torch.softmax(self.query(x), dim=-1)
 
 
-class SMORE(GeneralRecommender):
+class SMORE(MGCNFamily):
     """Spectral (FFT) fusion of modality representations, modality-specific item graphs and gated fusion
     with a contrastive term. Paper and equations: this module's docstring. Keys it reads
     (configs/model/SMORE.yaml): cl_loss, cl_temperature, dropout_rate, image_knn_k, n_layers, n_ui_layers,
     reg_weight, text_knn_k, train_batch_size."""
-    needs_both_modalities = True  # image and text features, checked before any data is loaded
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         d = self.embedding_size
-        self.n_ui_layers = int(config["n_ui_layers"])
-        self.n_layers = int(config["n_layers"])
-        self.reg_weight = float(config["reg_weight"])
-        self.cl_weight = float(config["cl_loss"])
-        self.cl_temperature = float(config["cl_temperature"])
-        self.batch_size = int(config["train_batch_size"])
-        self.image_knn_k = int(config["image_knn_k"])
-        self.text_knn_k = int(config["text_knn_k"])
-
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_id_embedding = nn.Embedding(self.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
-
-        # graphs, from the training split only
-        adj = graph.norm_adjacency(self.train_matrix, "sym")
-        self.adj = graph.to_torch_sparse(adj, self.device)
-        self.R = graph.to_torch_sparse(graph.user_item_block(adj, self.n_users), self.device)
-        image_graph = graph.knn_graph(dataset, "v", self.image_knn_k, "sim")
-        text_graph = graph.knn_graph(dataset, "t", self.text_knn_k, "sim")
-        self.image_graph = graph.to_torch_sparse(image_graph, self.device)
-        self.text_graph = graph.to_torch_sparse(text_graph, self.device)
-        self.fusion_graph = graph.to_torch_sparse(max_union(image_graph, text_graph), self.device)
-
-        self.image_embedding = nn.Embedding.from_pretrained(self.v_feat, freeze=False)
-        self.text_embedding = nn.Embedding.from_pretrained(self.t_feat, freeze=False)
-        self.image_trs = nn.Linear(self.v_feat.shape[1], d)
-        self.text_trs = nn.Linear(self.t_feat.shape[1], d)
         self.pref_v = DimensionPreference(d)
         self.pref_t = DimensionPreference(d)
         self.purifier_v = BehaviourPurifier(d)
@@ -116,6 +86,15 @@ class SMORE(GeneralRecommender):
         self.text_filter = nn.Parameter(torch.randn(1, bins, 2))
         self.fusion_filter = nn.Parameter(torch.randn(1, bins, 2))
 
+    def build_item_graphs(self, config, dataset) -> None:
+        self.image_knn_k = int(config["image_knn_k"])
+        self.text_knn_k = int(config["text_knn_k"])
+        image_graph = graph.knn_graph(dataset, "v", self.image_knn_k, "sim")
+        text_graph = graph.knn_graph(dataset, "t", self.text_knn_k, "sim")
+        self.image_graph = graph.to_torch_sparse(image_graph, self.device)
+        self.text_graph = graph.to_torch_sparse(text_graph, self.device)
+        self.fusion_graph = graph.to_torch_sparse(max_union(image_graph, text_graph), self.device)
+
     def spectrum_convolution(self, x_v: torch.Tensor, x_t: torch.Tensor):
         """Eq. 3-5: (c_v, c_t, c_f) by filtering in the orthonormal frequency domain."""
         d = x_v.shape[1]
@@ -129,9 +108,9 @@ class SMORE(GeneralRecommender):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (Z_users, Z_items, side [U+I, d], content [U+I, d])."""
-        item_ids = self.item_id_embedding.weight
-        c_v, c_t, c_f = self.spectrum_convolution(self.image_trs(self.image_embedding.weight),
-                                                  self.text_trs(self.text_embedding.weight))
+        item_ids = self.item_embedding.weight
+        c_v, c_t, c_f = self.spectrum_convolution(self.image_proj(self.image_embedding.weight),
+                                                  self.text_proj(self.text_embedding.weight))
         e_v = self.purifier_v(item_ids, c_v)  # Eq. 6
         e_t = self.purifier_t(item_ids, c_t)
         e_f = self.purifier_f(item_ids, c_f)
@@ -152,18 +131,3 @@ class SMORE(GeneralRecommender):
         side = (g_v * x_v + g_t * x_t + g_f * x_f) / 3
         z = content + side
         return z[: self.n_users], z[self.n_users:], side, content
-
-    def calculate_loss(self, interaction):
-        users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
-        zu, zi, side, content = self.forward()
-        u, p, n = zu[users], zi[pos], zi[neg]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "mean")
-        reg = half_sq(u, p, n, batch_size=self.batch_size)
-        nu = self.n_users
-        cl = (info_nce(side[nu:][pos], content[nu:][pos], self.cl_temperature)
-              + info_nce(side[:nu][users], content[:nu][users], self.cl_temperature))
-        return {"bpr": bpr, "reg": self.reg_weight * reg, "cl": self.cl_weight * cl}
-
-    def full_sort_predict(self, interaction):
-        zu, zi = self.cached("forward", lambda: self.forward()[:2])
-        return zu[interaction["users"]] @ zi.T

@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from mmrec import graph
-from mmrec.layers import BehaviourPurifier, ScalarAttentionFuser, item_graph_view
-from mmrec.losses import bpr_loss, info_nce
+from mmrec.layers import BehaviourPurifier, ScalarAttentionFuser, item_graph_view, xavier_tables
+from mmrec.losses import dot_bpr, info_nce
 from mmrec.recommender import GeneralRecommender
 
 log = logging.getLogger(__name__)
@@ -211,13 +211,10 @@ class SOIL(GeneralRecommender):
         self.knn_a = int(config["knn_a"])
         self.cl_loss = float(config["cl_loss"])
         self.cl_loss2 = float(config["cl_loss2"])
-        self.temperature = float(config["cl_temperature"])
+        self.cl_temperature = float(config["cl_temperature"])
         self.r2_degree_quirk = bool(config["r2_degree_quirk"])
 
-        self.user_embedding = nn.Embedding(self.n_users, d)
-        self.item_id_embedding = nn.Embedding(self.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
+        self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items, dim=d)
 
         adj_aug, r_aug = self.augmented_ui_graphs()
         self.norm_adj_aug = graph.to_torch_sparse(adj_aug, self.device)
@@ -265,7 +262,7 @@ class SOIL(GeneralRecommender):
     # -- forward --------------------------------------------------------------------------------
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Z, side, C), each [U+I, d]."""
-        item_ids = self.item_id_embedding.weight
+        item_ids = self.item_embedding.weight
         image_items = self.image_purifier(item_ids, self.image_proj(self.v_feat))
         text_items = self.text_purifier(item_ids, self.text_proj(self.t_feat))
         ego = torch.cat([self.user_embedding.weight, item_ids], dim=0)
@@ -281,9 +278,10 @@ class SOIL(GeneralRecommender):
         final, side, content = self.forward()
         nu = self.n_users
         u, p, n = final[users], final[nu + pos_items], final[nu + neg_items]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1), "mean")
+        bpr = dot_bpr(u, p, n, "mean")
         side_p, content_p = side[nu + pos_items], content[nu + pos_items]
-        t = self.temperature
+        t = self.cl_temperature
+        # the four terms share the indexed rows (one gradient accumulation per row set, as the reference)
         item_item = info_nce(side_p, content_p, t) + info_nce(side[users], content[users], t)
         user_item = info_nce(u, content_p, t) + info_nce(u, side_p, t)
         return {"bpr": bpr, "cl_ii": self.cl_loss * item_item, "cl_ui": self.cl_loss2 * user_item}

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_interactions, write_dataset
-from mmrec.config import load_config
-from mmrec.data import RecDataset
+from tests.helpers import batch, build, held_out_variants
 from models.cmdl import CMDL, PairCritic, club_learning_loss, club_upper_bound, infonce_critic_loss
 
 SMALL = {"embedding_size": 8, "knn_k": 3, "train_batch_size": 4}
 
 
 def make(tiny, **overrides):
-    config, dataset = tiny("CMDL", overrides={**SMALL, **overrides})
-    torch.manual_seed(0)
-    return CMDL(config, dataset), dataset
-
-
-def batch(users, pos, neg):
-    return {"users": torch.tensor(users), "pos_items": torch.tensor(pos), "neg_items": torch.tensor(neg)}
+    return build(tiny, CMDL, **{**SMALL, **overrides})
 
 
 def tiled_scores(critic: PairCritic, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -143,21 +134,10 @@ def test_two_step_training_keeps_club_critics_out_of_the_main_step(tiny):
 
 
 def test_no_valid_test_leakage(tmp_path):
-    users, items, labels = random_interactions(25, 18, seed=4)
-    rng = np.random.default_rng(9)
-    v, t = rng.normal(size=(18, 16)), rng.normal(size=(18, 8))
     scores = []
-    for variant in range(2):
-        it = items.copy()
-        if variant:
-            for row in np.flatnonzero(labels > 0):
-                used = set(it[users == users[row]])
-                it[row] = next(x for x in range(18) if x not in used)
-        write_dataset(tmp_path / str(variant), "toy", users, it, labels, v, t)
-        cfg = load_config("CMDL", "toy", {"data_path": str(tmp_path / str(variant)),
-                                          "cache_dir": str(tmp_path / f"c{variant}"), **SMALL})
+    for cfg, ds in held_out_variants(tmp_path, "CMDL", SMALL, seed=4):
         torch.manual_seed(0)
-        model = CMDL(cfg, RecDataset(cfg)).eval()
+        model = CMDL(cfg, ds).eval()
         with torch.no_grad():
-            scores.append(model.full_sort_predict({"users": torch.arange(25)}))
+            scores.append(model.full_sort_predict({"users": torch.arange(ds.n_users)}))
     assert torch.equal(scores[0], scores[1])

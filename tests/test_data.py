@@ -7,7 +7,7 @@ import torch
 
 from mmrec.config import load_config
 from mmrec.data import DataError, NegativeSampler, RecDataset, TrainBatches, mmrec_split_labels
-from tests.conftest import random_interactions, write_dataset
+from tests.helpers import random_interactions, write_dataset
 
 
 def _config(tmp_path, model="FREEDOM", **sets):
@@ -150,7 +150,7 @@ def test_id_only_models_run_on_a_dataset_without_feature_files(tmp_path):
     on the same folder still stops with the missing file named."""
     from mmrec.trainer import Trainer
     from models.lightgcn import LightGCN
-    from tests.conftest import random_interactions, write_dataset
+    from tests.helpers import random_interactions, write_dataset
 
     users, items, labels = random_interactions(30, 20, seed=0)
     rng = np.random.default_rng(1)

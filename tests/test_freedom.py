@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from models.freedom import FREEDOM
-from tests.test_mgcn import BATCH, lightgcn_mean, lin, params64
+from tests.helpers import BATCH, lightgcn_mean, lin, loss_and_params64
 
 EPS = 1e-7
 
@@ -58,12 +58,7 @@ def test_item_graph_and_eval_graph(tiny):
 
 
 def test_loss_matches_dense_float64(tiny):
-    config, ds = tiny("FREEDOM", overrides={"dropout": 0.0, "reg_weight": 0.7})
-    torch.manual_seed(2)
-    model = FREEDOM(config, ds)
-    got = sum(model.calculate_loss(BATCH).values()).item()
-
-    p = params64(model)
+    ds, got, p = loss_and_params64(tiny, FREEDOM, 2, dropout=0.0, reg_weight=0.7)
     nu = ds.n_users
     y = ds.train_matrix.toarray()
     a = np.zeros((nu + ds.n_items,) * 2)
@@ -72,7 +67,7 @@ def test_loss_matches_dense_float64(tiny):
     adj = inv[:, None] * a * inv[None, :]
     s = torch.from_numpy(0.1 * dense_knn_bin(ds.features["v"].astype(np.float64), 10)
                          + 0.9 * dense_knn_bin(ds.features["t"].astype(np.float64), 10))
-    ids = p["item_id_embedding.weight"]
+    ids = p["item_embedding.weight"]
     c = lightgcn_mean(adj, torch.cat([p["user_embedding.weight"], ids]), 2)
     zu, zi = c[:nu], c[nu:] + s @ ids
 
@@ -80,8 +75,8 @@ def test_loss_matches_dense_float64(tiny):
         return torch.log1p(torch.exp(-((u * pos).sum(1) - (u * neg).sum(1)))).mean()
 
     u = zu[BATCH["users"]]
-    t_proj = lin(p, "text_trs", p["text_embedding.weight"])
-    v_proj = lin(p, "image_trs", p["image_embedding.weight"])
+    t_proj = lin(p, "text_proj", p["text_embedding.weight"])
+    v_proj = lin(p, "image_proj", p["image_embedding.weight"])
     pos, neg = BATCH["pos_items"], BATCH["neg_items"]
     expected = bpr(u, zi[pos], zi[neg]) + 0.7 * (bpr(u, t_proj[pos], t_proj[neg]) + bpr(u, v_proj[pos], v_proj[neg]))
     assert abs(got - expected.item()) <= 1e-5 * abs(expected.item())
@@ -93,4 +88,4 @@ def test_reg_weight_zero_skips_the_modality_branch(tiny):
     parts = model.calculate_loss(BATCH)
     assert set(parts) == {"bpr"}
     sum(parts.values()).backward()
-    assert model.image_trs.weight.grad is None and model.user_embedding.weight.grad is not None
+    assert model.image_proj.weight.grad is None and model.user_embedding.weight.grad is not None

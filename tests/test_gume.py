@@ -6,9 +6,7 @@ import math
 import numpy as np
 import torch
 
-from conftest import random_interactions, tiny_setup, write_dataset
-from mmrec.config import load_config
-from mmrec.data import RecDataset
+from tests.helpers import assert_graphs_from_training_only, info_nce_ref, tiny_setup
 from models.gume import GUME, knn_intersection_edges
 
 
@@ -88,14 +86,6 @@ def test_shapes_and_gradients(tmp_path):
     assert scores.shape == (2, dataset.n_items)
 
 
-def _nce(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    a = a / a.norm(dim=1, keepdim=True)
-    b = b / b.norm(dim=1, keepdim=True)
-    pos = torch.exp((a * b).sum(1) / t)
-    ttl = torch.exp(a @ b.T / t).sum(1)
-    return (-torch.log(pos / ttl)).mean()
-
-
 def test_loss_parts_by_hand(tmp_path):
     config, dataset = tiny_setup(tmp_path, "GUME", overrides={"vt_loss": 0.3, "um_loss": 0.2, "bm_loss": 0.1})
     model = GUME(config, dataset)
@@ -114,7 +104,7 @@ def test_loss_parts_by_hand(tmp_path):
         var = lambda t: ((t - t.mean()) ** 2).sum() / (t.numel() - 1)  # noqa: E731
         vt = 0.3 * ((var(x) - var(y)).abs() + (x.mean() - y.mean()).abs())
         integ, cid, modal = out["integration"], out["extended_id"], out["extended_modal"]
-        bm = 0.1 * (_nce(integ[users], cid[users], 0.4) + _nce(integ[nu + pos], cid[nu + pos], 0.4))
+        bm = 0.1 * (info_nce_ref(integ[users], cid[users], 0.4) + info_nce_ref(integ[nu + pos], cid[nu + pos], 0.4))
 
         torch.manual_seed(7)  # the same four noise draws, in the reference's order
 
@@ -125,37 +115,10 @@ def test_loss_parts_by_hand(tmp_path):
         iu, mu = integ[:nu], modal[:nu]
         i1, i2 = perturb(iu), perturb(iu)
         m1, m2 = perturb(mu), perturb(mu)
-        um = 0.2 * (_nce(mu[users], iu[users], 0.1) + _nce(i1[users], i2[users], 0.1) + _nce(m1[users], m2[users], 0.1))
+        um = 0.2 * (info_nce_ref(mu[users], iu[users], 0.1) + info_nce_ref(i1[users], i2[users], 0.1) + info_nce_ref(m1[users], m2[users], 0.1))
     for name, value in {"bpr": bpr, "reg": reg, "vt": vt, "bm": bm, "um": um}.items():
         assert math.isclose(float(parts[name].detach()), float(value), rel_tol=1e-4, abs_tol=1e-9), name
 
 
-def _pair_of_datasets(tmp_path):
-    """Two datasets with the same training interactions and different valid/test interactions."""
-    n_users, n_items = 25, 18
-    users, items, labels = random_interactions(n_users, n_items, seed=3)
-    rng = np.random.default_rng(4)
-    v, t = rng.normal(size=(n_items, 12)), rng.normal(size=(n_items, 6))
-    items2 = items.copy()
-    for u in range(n_users):  # move every held-out item to another item the user has not seen
-        rows = np.where(users == u)[0]
-        seen = set(items[rows].tolist())
-        for r in rows[labels[rows] > 0]:
-            fresh = [i for i in range(n_items - 1) if i not in seen]
-            items2[r] = fresh[0]
-            seen.add(fresh[0])
-    out = []
-    for name, its in (("a", items), ("b", items2)):
-        write_dataset(tmp_path, name, users, its, labels, v, t)
-        cfg = load_config("GUME", name, {"data_path": str(tmp_path), "cache_dir": str(tmp_path / f"cache_{name}")})
-        out.append((cfg, RecDataset(cfg)))
-    return out
-
-
 def test_graphs_use_training_split_only(tmp_path):
-    (ca, da), (cb, db) = _pair_of_datasets(tmp_path)
-    assert (da.valid_matrix != db.valid_matrix).nnz > 0
-    assert (da.train_matrix != db.train_matrix).nnz == 0
-    ma, mb = GUME(ca, da), GUME(cb, db)
-    for name in ("norm_adj_aug", "R", "image_graph", "text_graph"):
-        assert torch.equal(getattr(ma, name).to_dense(), getattr(mb, name).to_dense()), name
+    assert_graphs_from_training_only(tmp_path, GUME, ("norm_adj_aug", "R", "image_graph", "text_graph"))

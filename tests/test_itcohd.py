@@ -7,18 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_interactions, write_dataset
-from mmrec.config import load_config
-from mmrec.data import RecDataset
+from tests.helpers import build, held_out_variants
 from models.itcohd import ITCoHDMRec, linear_var_schedule, timestep_embedding
 
 SMALL = {"knn_k": 3, "denoiser_hidden": 16, "train_batch_size": 4}
 
 
 def make(tiny, **overrides):
-    config, dataset = tiny("ITCoHDMRec", overrides={**SMALL, **overrides})
-    torch.manual_seed(0)
-    return ITCoHDMRec(config, dataset), dataset
+    return build(tiny, ITCoHDMRec, **{**SMALL, **overrides})
 
 
 def test_diffusion_schedule_coefficients():
@@ -141,26 +137,15 @@ def test_denoising_loop_and_prediction(tiny):
 
 
 def test_no_valid_test_leakage(tmp_path):
-    users, items, labels = random_interactions(25, 18, seed=5)
-    rng = np.random.default_rng(9)
-    v, t = rng.normal(size=(18, 16)), rng.normal(size=(18, 8))
     scores = []
-    for variant in range(2):
-        it = items.copy()
-        if variant:
-            for row in np.flatnonzero(labels > 0):
-                used = set(it[users == users[row]])
-                it[row] = next(x for x in range(18) if x not in used)
-        write_dataset(tmp_path / str(variant), "toy", users, it, labels, v, t)
-        cfg = load_config("ITCoHDMRec", "toy", {"data_path": str(tmp_path / str(variant)),
-                                                "cache_dir": str(tmp_path / f"c{variant}"), **SMALL})
+    for cfg, ds in held_out_variants(tmp_path, "ITCoHDMRec", SMALL, seed=5):
         torch.manual_seed(0)
-        model = ITCoHDMRec(cfg, RecDataset(cfg))
+        model = ITCoHDMRec(cfg, ds)
         torch.manual_seed(1)
         model.pre_epoch_processing()
         pruned = model.pruned_adj.coalesce()
         model.eval()
         with torch.no_grad():
-            scores.append((model.full_sort_predict({"users": torch.arange(25)}), pruned.indices(), pruned.values()))
+            scores.append((model.full_sort_predict({"users": torch.arange(ds.n_users)}), pruned.indices(), pruned.values()))
     assert torch.equal(scores[0][0], scores[1][0])
     assert torch.equal(scores[0][1], scores[1][1]) and torch.equal(scores[0][2], scores[1][2])

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from mmrec import graph
-from tests.conftest import random_interactions, tiny_setup, write_dataset
+from tests.helpers import held_out_variants, random_interactions, tiny_setup, write_dataset
 
 # five items in the plane at these angles (degrees); cosine(i, j) = cos(angle_i - angle_j)
 ANGLES = np.array([0.0, 50.0, 90.0, 200.0, 300.0])
@@ -118,26 +118,8 @@ def test_knn_graph_uses_dataset_features_and_cache(tmp_path):
 
 
 def datasets_differing_in_held_out(tmp_path, model: str):
-    """Two datasets (config, ds_a, ds_b) with identical train rows and features but other valid/test items."""
-    from mmrec.data import RecDataset
-
-    users, items, labels = random_interactions(30, 20, seed=0)
-    rng = np.random.default_rng(1)
-    v, t = rng.normal(size=(20, 16)), rng.normal(size=(20, 8))
-    config, _ = tiny_setup(tmp_path / "a", model)
-    write_dataset(tmp_path / "a", "toy", users, items, labels, v, t)
-    ds_a = RecDataset(config)
-    items_b = items.copy()
-    for u in np.unique(users):  # move each held-out item, unless it would land on a train item
-        rows = np.where(users == u)[0]
-        train_items = set(items[rows[labels[rows] == 0]])
-        for r in rows[labels[rows] != 0]:
-            if (items[r] + 7) % 20 not in train_items:
-                items_b[r] = (items[r] + 7) % 20
-    config_b, _ = tiny_setup(tmp_path / "b", model)
-    write_dataset(tmp_path / "b", "toy", users, items_b, labels, v, t)
-    ds_b = RecDataset(config_b)
-    assert (ds_a.valid_matrix != ds_b.valid_matrix).nnz + (ds_a.test_matrix != ds_b.test_matrix).nnz > 0
+    """(config, ds_a, ds_b): identical train rows and features, other valid/test items."""
+    (config, ds_a), (_, ds_b) = held_out_variants(tmp_path, model, n_users=30, n_items=20)
     return config, ds_a, ds_b
 
 
@@ -169,6 +151,6 @@ def test_models_ignore_valid_and_test(tmp_path, model_name):
         loss = sum(model.calculate_loss(batch).values()).item()
         model.eval()
         with torch.no_grad():
-            out.append((loss, model.full_sort_predict({"users": torch.arange(30)})))
+            out.append((loss, model.full_sort_predict({"users": torch.arange(ds.n_users)})))
     assert out[0][0] == out[1][0]
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0)

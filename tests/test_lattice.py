@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.lattice import LATTICE
-from tests.test_mgcn import BATCH, dense_knn_sim, lightgcn_mean
+from tests.helpers import BATCH, dense_knn_sim, lightgcn_mean
 
 
 def dense_rw_adjacency(train: np.ndarray) -> np.ndarray:
@@ -38,9 +38,9 @@ def dense_reference_loss(model, ds, reg_weight):
     original = w[0] * torch.from_numpy(dense_knn_sim(ds.features["v"].astype(np.float64), k)) + \
         w[1] * torch.from_numpy(dense_knn_sim(ds.features["t"].astype(np.float64), k))
     item_adj = 0.1 * learned_norm + 0.9 * original
-    h = item_adj @ p["item_id_embedding.weight"]
+    h = item_adj @ p["item_embedding.weight"]
     c = lightgcn_mean(dense_rw_adjacency(ds.train_matrix.toarray()),
-                      torch.cat([p["user_embedding.weight"], p["item_id_embedding.weight"]]), 2)
+                      torch.cat([p["user_embedding.weight"], p["item_embedding.weight"]]), 2)
     zu, zi = c[:nu], c[nu:] + h / h.norm(dim=1, keepdim=True)
     u, pos, neg = zu[BATCH["users"]], zi[BATCH["pos_items"]], zi[BATCH["neg_items"]]
     bpr = torch.log1p(torch.exp(-((u * pos).sum(1) - (u * neg).sum(1)))).mean()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mmrec.config import load_config
 from models.magnet import (MAGNET, confidence_loss, coverage_loss, entropy, stage_weight_factors, topk_gates,
                            view_contrastive)
-from tests.conftest import tiny_setup
+from tests.helpers import model_factory
 
 SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1,
          "stage1_min_steps": 0, "switch_signal": "dense", "entropy_smoothing": "none"}  # literal Eq. 26
@@ -20,17 +20,8 @@ SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1,
 
 @pytest.fixture
 def make(tmp_path):
-    """``make(**overrides)`` -> a MAGNET on one tiny dataset (one dataset per test: LMDB allows one open
-    environment per path and process)."""
-    _, dataset = tiny_setup(tmp_path, "MAGNET", overrides=SMALL)
-
-    def build(**overrides):
-        config = load_config("MAGNET", "toy", {"data_path": str(tmp_path), "cache_dir": str(tmp_path / "cache"),
-                                               **SMALL, **overrides})
-        torch.manual_seed(0)
-        return MAGNET(config, dataset)
-
-    return build
+    """``make(**overrides)`` -> a MAGNET on one tiny dataset."""
+    return model_factory(tmp_path, MAGNET, SMALL)
 
 
 # -- pure functions -----------------------------------------------------------------------------
@@ -167,7 +158,7 @@ def test_backbone_and_cues(make):
     ego = torch.cat([m.user_embedding.weight, m.item_embedding.weight])
     a = m.adj_ui.to_dense()
     torch.testing.assert_close(t["z_ui"], (ego + a @ ego + a @ a @ ego) / 3, atol=1e-5, rtol=1e-5)  # Eq. 5
-    h_items = m.proj_visual(m.v_feat)
+    h_items = m.image_proj(m.v_feat)
     hist = m.train_matrix[4].indices
     torch.testing.assert_close(t["r_user"][4, 1], h_items[hist].mean(0), atol=1e-5, rtol=1e-5)  # Eq. 8
     torch.testing.assert_close(t["r_item"][:, 0], t["z"][m.n_users:])  # Eq. 9
@@ -274,7 +265,7 @@ def test_user_cue_target_exclude_is_the_leave_one_out_mean(make):
     users = torch.tensor([u] + ([u1] if u1 is not None else []))
     pos = torch.tensor([int(hist[0])] + ([int(m.train_matrix[u1].indices[0])] if u1 is not None else []))
     reps = m._cues_without_target(t["r_user"][users], t["r_item"][pos], users)
-    h_items = m.proj_visual(m.v_feat)
+    h_items = m.image_proj(m.v_feat)
     torch.testing.assert_close(reps[0, 1], h_items[hist[1:]].mean(0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reps[0, 0], t["r_user"][u, 0])  # z untouched
     if u1 is not None:
@@ -297,7 +288,7 @@ def test_lr_scale_groups(make):
 
 def test_cue_centering_centres_the_item_cues_and_keeps_eq_8(make):
     m = make(cue_centering=True)
-    assert m.proj_visual.bias is None and m.proj_text.bias is None
+    assert m.image_proj.bias is None and m.text_proj.bias is None
     t = m.encode()
     for group in (1, 2):  # h^A, h^S: zero mean over the catalogue (no shared component from f_m)
         assert float(t["r_item"][:, group].mean(0).abs().max()) < 1e-5
@@ -438,11 +429,11 @@ def test_score_parts_rank_by_the_parts_they_name(make):
     u, i = t["r_user"][users], t["r_item"]
     torch.testing.assert_close(parts["cue similarity"](users), u[:, 1] @ i[:, 1].T + u[:, 2] @ i[:, 2].T)
     assert parts["z^UI dot"](users).shape == (3, m.n_items)
-    before = m.proj_visual.weight.detach().clone()
+    before = m.image_proj.weight.detach().clone()
     with torch.no_grad():
         no_cues = parts["full, no cues"](users)
-        torch.testing.assert_close(m.proj_visual.weight, before)  # restored after scoring
-        for proj in (m.proj_visual, m.proj_text):
+        torch.testing.assert_close(m.image_proj.weight, before)  # restored after scoring
+        for proj in (m.image_proj, m.text_proj):
             for p in proj.parameters():
                 p.zero_()
         torch.testing.assert_close(no_cues, m.full_sort_predict({"users": users}))
@@ -453,7 +444,7 @@ def test_cue_init_pca_projects_on_the_principal_directions(make):
     """``cue_init: pca``: f_m's rows are orthonormal top principal directions of its (centred) input, so
     the item cues keep as much feature variance as any d-dim linear map can."""
     m = make(cue_init="pca", cue_centering=True)
-    w = m.proj_text.weight.detach()
+    w = m.text_proj.weight.detach()
     torch.testing.assert_close(w @ w.T, torch.eye(w.shape[0]), atol=1e-4, rtol=1e-4)
     feats = m.t_feat
     captured = (feats @ w.T).pow(2).sum()

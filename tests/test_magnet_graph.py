@@ -11,7 +11,7 @@ from mmrec.config import load_config
 from mmrec.data import RecDataset
 from models.magnet_graph import (augmented_matrix, build_induced_edges, cached_induced_edges, group_order,
                                  template_pool)
-from tests.conftest import random_interactions, write_dataset
+from tests.helpers import random_interactions, write_dataset
 
 PINNED = np.array([  # MAGNET.md section 4, (alpha, beta, delta, eps) = (.6, .2, .5, .05), global
     [.8, .1, .1], [.1, .8, .1], [.1, .1, .8],

@@ -7,18 +7,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conftest import random_interactions, tiny_setup, write_dataset
-from mmrec.config import load_config
-from mmrec.data import RecDataset
+from tests.helpers import assert_graphs_from_training_only, info_nce_ref, tiny_setup
 from models.mentor import MENTOR
 
 BATCH = {"users": torch.tensor([0, 1, 4, 4]), "pos_items": torch.tensor([2, 3, 4, 9]),
          "neg_items": torch.tensor([5, 6, 0, 1])}
-
-
-def _nce(a, b, t):
-    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
-    return (-torch.log(torch.exp((a * b).sum(1) / t) / torch.exp(a @ b.T / t).sum(1))).mean()
 
 
 def _align(x, y):
@@ -46,7 +39,7 @@ def test_loss_parts_by_hand(tmp_path):
         g, r, v, t = out["guide"], out["fused"], out["visual"], out["text"]
         align = 0.1 * (_align(g, r) + _align(g, v) + _align(g, t) + _align(r, v) + _align(r, t) + _align(v, t))
         n1, n2 = out["noisy1"], out["noisy2"]
-        mask_g = 0.5 * (_nce(n1[:nu], n2[:nu], 0.4) + _nce(n1[nu:], n2[nu:], 0.4))
+        mask_g = 0.5 * (info_nce_ref(n1[:nu], n2[:nu], 0.4) + info_nce_ref(n1[nu:], n2[nu:], 0.4))
         mask_f = 0
         for part in (z[:nu], z[nu:]):
             mask_f = mask_f + 1 - F.cosine_similarity(F.dropout(part, 0.5), model.mask_mlp(part)).mean()
@@ -106,20 +99,4 @@ def test_prediction_uses_last_training_batch(tmp_path):
 
 
 def test_graphs_use_training_split_only(tmp_path):
-    n_users, n_items = 25, 18
-    users, items, labels = random_interactions(n_users, n_items, seed=3)
-    rng = np.random.default_rng(4)
-    v, t = rng.normal(size=(n_items, 12)), rng.normal(size=(n_items, 6))
-    items2 = items.copy()
-    for r in np.where(labels > 0)[0]:
-        seen = set(items2[users == users[r]].tolist())
-        items2[r] = next(i for i in range(n_items - 1) if i not in seen)
-    built = []
-    for name, its in (("a", items), ("b", items2)):
-        write_dataset(tmp_path, name, users, its, labels, v, t)
-        cfg = load_config("MENTOR", name, {"data_path": str(tmp_path), "cache_dir": str(tmp_path / f"c_{name}")})
-        built.append(MENTOR(cfg, RecDataset(cfg)))
-    a, b = built
-    assert (a.dataset.valid_matrix != b.dataset.valid_matrix).nnz > 0
-    for name in ("adj", "mm_adj"):
-        assert torch.equal(getattr(a, name).to_dense(), getattr(b, name).to_dense()), name
+    assert_graphs_from_training_only(tmp_path, MENTOR, ("adj", "mm_adj"))

@@ -8,8 +8,8 @@ import torch
 
 from mmrec.config import load_config
 from models.smore import SMORE, max_union
-from tests.test_mgcn import (BATCH, bpr_half_sq_ref, dense_knn_sim, dense_sym_adjacency, info_nce_ref, lightgcn_mean,
-                             lin, params64)
+from tests.helpers import (dense_knn_sim, dense_user_item, lightgcn_mean, lin, loss_and_params64,
+                           mgcn_objective_ref)
 
 
 def test_max_union_keeps_the_larger_weight_and_one_sided_edges():
@@ -52,23 +52,17 @@ def test_smore_shapes_dropout_and_cached_eval(tiny):
 
 
 def test_smore_loss_matches_dense_float64(tiny):
-    config, ds = tiny("SMORE", overrides={"dropout_rate": 0.0, "image_knn_k": 5, "text_knn_k": 7,
-                                          "n_ui_layers": 3, "reg_weight": 0.3, "cl_loss": 0.2})
-    torch.manual_seed(1)
-    model = SMORE(config, ds)
-    got = sum(model.calculate_loss(BATCH).values()).item()
-
-    p = params64(model)
+    ds, got, p = loss_and_params64(tiny, SMORE, 1, dropout_rate=0.0, image_knn_k=5, text_knn_k=7, n_ui_layers=3,
+                                   reg_weight=0.3, cl_loss=0.2)
     nu = ds.n_users
-    adj = dense_sym_adjacency(ds.train_matrix.toarray())
-    R = torch.from_numpy(adj[:nu, nu:])
+    adj, R = dense_user_item(ds)
     s_v = dense_knn_sim(ds.features["v"].astype(np.float64), 5)
     s_t = dense_knn_sim(ds.features["t"].astype(np.float64), 7)
     s_f = np.where((s_v != 0) & (s_t != 0), np.maximum(s_v, s_t), s_v + s_t)
     s_v, s_t, s_f = (torch.from_numpy(s) for s in (s_v, s_t, s_f))
-    ids = p["item_id_embedding.weight"]
-    x_v = lin(p, "image_trs", p["image_embedding.weight"])
-    x_t = lin(p, "text_trs", p["text_embedding.weight"])
+    ids = p["item_embedding.weight"]
+    x_v = lin(p, "image_proj", p["image_embedding.weight"])
+    x_t = lin(p, "text_proj", p["text_embedding.weight"])
 
     def filt(x, name):
         w = torch.complex(p[name][..., 0], p[name][..., 1])
@@ -91,9 +85,7 @@ def test_smore_loss_matches_dense_float64(tiny):
     g = {m: torch.sigmoid(lin(p, f"prefer_{m}.linear", content)) for m in "vtf"}
     side = (g["v"] * xv + g["t"] * xt + g["f"] * views["f"]) / 3
     z = content + side
-    expected = bpr_half_sq_ref(z[:nu], z[nu:], BATCH, 0.3, 2048)
-    expected = expected + 0.2 * (info_nce_ref(side[nu:][BATCH["pos_items"]], content[nu:][BATCH["pos_items"]], 0.2)
-                                 + info_nce_ref(side[:nu][BATCH["users"]], content[:nu][BATCH["users"]], 0.2))
+    expected = mgcn_objective_ref(z, side, content, nu, reg_weight=0.3, cl_weight=0.2)
     assert abs(got - expected.item()) <= 1e-5 * abs(expected.item())
 
 

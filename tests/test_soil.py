@@ -7,9 +7,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from conftest import random_interactions, tiny_setup, write_dataset
-from mmrec.config import load_config
-from mmrec.data import RecDataset
+from tests.helpers import assert_graphs_from_training_only, tiny_setup
 from models.soil import SOIL, interest_graph_entries, second_order_entries, second_order_graphs, soil_normalize
 
 
@@ -135,22 +133,4 @@ def test_shapes_and_loss_by_hand(tmp_path):
 
 
 def test_graphs_use_training_split_only(tmp_path):
-    n_users, n_items = 25, 18
-    users, items, labels = random_interactions(n_users, n_items, seed=3)
-    rng = np.random.default_rng(4)
-    v, t = rng.normal(size=(n_items, 12)), rng.normal(size=(n_items, 6))
-    items2 = items.copy()
-    held = np.where(labels > 0)[0]
-    for r in held:  # replace held-out items by unseen ones
-        seen = set(items2[users == users[r]].tolist())
-        items2[r] = next(i for i in range(n_items - 1) if i not in seen)
-    models = []
-    for name, its in (("a", items), ("b", items2)):
-        write_dataset(tmp_path, name, users, its, labels, v, t)
-        cfg = load_config("SOIL", name, {"data_path": str(tmp_path), "cache_dir": str(tmp_path / f"c_{name}"),
-                                         "knn_i": 3})
-        models.append(SOIL(cfg, RecDataset(cfg)))
-    a, b = models
-    assert (a.dataset.test_matrix != b.dataset.test_matrix).nnz > 0
-    for name in ("norm_adj_aug", "R", "image_graph", "text_graph"):
-        assert torch.equal(getattr(a, name).to_dense(), getattr(b, name).to_dense()), name
+    assert_graphs_from_training_only(tmp_path, SOIL, ("norm_adj_aug", "R", "image_graph", "text_graph"), {"knn_i": 3})

@@ -11,10 +11,9 @@ import scipy.sparse as sp
 import torch
 
 from mmrec import graph
-from mmrec.config import load_config
 from models.magnet import MAGNET, topk_gates, topk_softmax_mix
 from models.magnet_graph import sample_fanout
-from tests.conftest import tiny_setup
+from tests.helpers import model_factory, tiny_setup
 
 SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1, "dropout": 0.0}
 
@@ -55,15 +54,7 @@ def test_propagate_rows_equals_full_propagation_in_value_and_gradient(rows):
 
 @pytest.fixture
 def make(tmp_path):
-    _, dataset = tiny_setup(tmp_path, "MAGNET", n_users=40, n_items=30, overrides=SMALL)
-
-    def build(**overrides):
-        config = load_config("MAGNET", "toy", {"data_path": str(tmp_path), "cache_dir": str(tmp_path / "cache"),
-                                               **SMALL, **overrides})
-        torch.manual_seed(0)
-        return MAGNET(config, dataset)
-
-    return build
+    return model_factory(tmp_path, MAGNET, SMALL, n_users=40, n_items=30)
 
 
 @pytest.mark.parametrize("n_items", [5, 25])  # few items: batch cues; most items: project all, pick rows

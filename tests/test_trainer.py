@@ -7,7 +7,7 @@ import torch
 
 from mmrec.quick_start import run, train_one
 from mmrec.trainer import Trainer
-from tests.conftest import tiny_setup
+from tests.helpers import tiny_setup
 
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):

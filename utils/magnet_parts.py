@@ -62,7 +62,7 @@ def score_parts(model) -> dict:
 @contextlib.contextmanager
 def _cues_zeroed(model):
     """f_A and f_S output 0 inside the block (their parameters are restored afterwards)."""
-    saved = [(p, p.detach().clone()) for proj in (model.proj_visual, model.proj_text) for p in proj.parameters()]
+    saved = [(p, p.detach().clone()) for proj in (model.image_proj, model.text_proj) for p in proj.parameters()]
     try:
         for p, _ in saved:
             p.data.zero_()
