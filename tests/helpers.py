@@ -3,6 +3,11 @@ tests, model builders, and the reference formulas (dense graphs, InfoNCE, BPR) t
 our sparse, batched code against in float64."""
 from __future__ import annotations
 
+import io
+import logging
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,45 @@ from mmrec.data import RecDataset
 # one training batch used by the dense-reference loss tests (a repeated user, items across the catalogue)
 BATCH = {"users": torch.tensor([0, 3, 5, 7, 3]), "pos_items": torch.tensor([1, 2, 4, 8, 0]),
          "neg_items": torch.tensor([5, 6, 9, 11, 13])}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the command line, in-process ------------------------------------------------------------------
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, cwd: Path = ROOT) -> CliResult:
+    """``python main.py ARGS`` in this process (no interpreter start-up or torch import per call), run
+    from ``cwd`` like the real command; returns its exit code and what it printed.  An uncaught exception
+    propagates, so a test fails on what would have been a traceback.  Torch's thread count and the
+    ``mmrec`` log handlers are restored afterwards."""
+    import main as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, here = torch.get_num_threads(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as stop:  # argparse errors and explicit exits
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=err)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        logger = logging.getLogger("mmrec")
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    return CliResult(int(code or 0), out.getvalue(), err.getvalue())
 
 
 # -- datasets ----------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """prepare amazon: raw Amazon 2014 files (written here in their exact formats) to an MMRec-format dataset."""
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import run_cli
 from utils.amazon import hashing_encoder, item_text, k_core, prepare_amazon, read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,10 +104,9 @@ def test_meta_lines_are_parsed_without_eval(tmp_path):
 def test_prepare_amazon_command_ends_with_a_passing_check(tmp_path):
     _write_raw(tmp_path / "raw")
     raw = tmp_path / "raw"
-    res = subprocess.run([sys.executable, str(ROOT / "main.py"), "prepare", "amazon", "--reviews",
-                          str(raw / "reviews.json.gz"), "--meta", str(raw / "meta.json.gz"), "--image-features",
-                          str(raw / "images.b"), "--out", str(tmp_path / "data" / "amz_cli"), "--k-core", "2",
-                          "--text-model", "hash:8"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    res = run_cli("prepare", "amazon", "--reviews", raw / "reviews.json.gz", "--meta", raw / "meta.json.gz",
+                  "--image-features", raw / "images.b", "--out", tmp_path / "data" / "amz_cli", "--k-core", "2",
+                  "--text-model", "hash:8")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "users=5" in res.stdout and "OK: usable" in res.stdout
     assert not (ROOT / "configs" / "dataset" / "amz_cli.yaml").exists()  # default file names: nothing written

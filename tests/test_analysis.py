@@ -1,8 +1,6 @@
 """Routing statistics against hand computation, and the analyse / explain / plot commands."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 
 from mmrec.analysis import (activity_terciles, diversity, group_family_mass, pair_attribution, routing_profile,
                             visibility, visibility_bucket)
+from tests.helpers import run_cli as _main
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["Dom-B", "Dom-A", "Dom-S", "Bal-B", "Bal-A", "Bal-S", "Com-B", "Com-A", "Com-S"]
@@ -51,11 +50,6 @@ def test_visibility_buckets_and_activity_terciles_by_hand():
     assert visibility_bucket(0.5) == "Easy"
     labels = activity_terciles(np.array([5, 1, 9, 3, 7, 2]))
     assert labels.tolist() == ["Mid", "Tail", "Head", "Mid", "Head", "Tail"]
-
-
-def _main(*args):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
 
 
 def test_analyse_explain_plot_on_a_magnet_run(tmp_path):

@@ -1,14 +1,5 @@
 """The command line: clear one-line errors before any training starts."""
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _main(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+from tests.helpers import run_cli as _main
 
 
 def test_missing_amazon_data_exits_nonzero_with_instructions(tmp_path):

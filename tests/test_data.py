@@ -180,14 +180,11 @@ def test_an_unknown_dataset_name_lists_what_exists(tmp_path):
 def test_check_lists_every_problem_in_one_run(tmp_path):
     """`check` on corrupted copies of a generated dataset: each problem reported, all at once, exit 2."""
     import shutil
-    import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parent.parent
+    from tests.helpers import run_cli
 
     def check(name):
-        return subprocess.run([sys.executable, str(root / "main.py"), "check", "-d", name, "--set",
-                               f"data_path={tmp_path}"], capture_output=True, text=True, cwd=root, timeout=120)
+        return run_cli("check", "-d", name, "--set", f"data_path={tmp_path}")
 
     ok = check("tiny")  # generated on first use
     assert ok.returncode == 0 and "OK: usable" in ok.stdout and "users 200" in ok.stdout, ok.stdout + ok.stderr

@@ -1,6 +1,5 @@
 """Comparisons and grids: the results store, kills and reruns, parallel workers, Ray, the tables."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,15 +9,19 @@ from pathlib import Path
 import pytest
 
 from mmrec.results import ResultStore, compare_table, paired_t_test, to_latex, to_markdown
+from tests.helpers import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _main(*args, wait=True, **kw):
-    cmd = [sys.executable, str(ROOT / "main.py"), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, **kw)
+def _main(*args):
+    """The command in this process (see tests/helpers.run_cli)."""
+    return run_cli(*args)
+
+
+def _spawn(*args) -> subprocess.Popen:
+    """The command as its own process, for the tests that kill it mid-way."""
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _data(tmp_path):
@@ -29,10 +32,7 @@ def _data(tmp_path):
 def _stored(folder: Path) -> list[dict]:
     if not (folder / "results.lmdb").exists():
         return []
-    out = subprocess.run([sys.executable, "-c", "import json,sys; from mmrec.results import ResultStore; "
-                          f"print(json.dumps(ResultStore(sys.argv[1], readonly=True).records()))", str(folder)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
-    return json.loads(out.stdout) if out.returncode == 0 else []
+    return ResultStore(folder, readonly=True).records()
 
 
 def _kill_when(proc, path_glob: str, folder: Path, timeout: float = 240, kill: bool = True) -> None:
@@ -53,7 +53,7 @@ def test_compare_killed_and_rerun_holds_every_run_once_and_writes_every_format(t
     out = tmp_path / "cmp"
     args = ["compare", "-m", "BPR,LightGCN", "-d", "tiny", "--splits", "2", "--set", "epochs=60",
             "--set", "stopping_step=60", *_data(tmp_path), "--out", str(out)]
-    proc = _main(*args, wait=False)
+    proc = _spawn(*args)
     _kill_when(proc, "tiny/BPR-split672/last.pth", out, kill=False)  # the first run is stored
     live = _main("results", str(out))  # read while the comparison goes on
     assert live.returncode == 0 and "| BPR |" in live.stdout, live.stderr
@@ -94,7 +94,7 @@ def test_grid_killed_and_resumed_matches_an_uninterrupted_grid(tmp_path):
     whole = _main(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
-    proc = _main(*args, "--out", str(cut), wait=False)
+    proc = _spawn(*args, "--out", str(cut))
     _kill_when(proc, "grid/001-*/last.pth", cut)  # the second point is training: it resumes from last.pth
     assert len(_stored(cut)) < 3
     resumed = _main("grid", "--resume", str(cut))
@@ -123,7 +123,9 @@ def test_ray_backend_gives_the_local_table(tmp_path):
     pytest.importorskip("ray")
     base = ["compare", "-m", "BPR", "-d", "tiny", "--seeds", "1,2", "--set", "epochs=2", *_data(tmp_path)]
     local = _main(*base, "--out", str(tmp_path / "local"))
-    remote = _main(*base, "--backend", "ray", "--workers", "2", "--out", str(tmp_path / "ray"))
+    # Ray starts a local cluster in the calling process: run it as its own command, as a user would
+    remote = subprocess.run([sys.executable, str(ROOT / "main.py"), *base, "--backend", "ray", "--workers", "2",
+                             "--out", str(tmp_path / "ray")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     a = {r["key"]: r["test"] for r in _stored(tmp_path / "local")}
     b = {r["key"]: r["test"] for r in _stored(tmp_path / "ray")}
