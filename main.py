@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     import utils.synth  # noqa: F401  (registers the synthetic presets: generated on first use)
     from mmrec.config import ConfigError, load_config
     from mmrec.data import DataError, RecDataset
+    from mmrec.data.sources import ensure_generated
     from mmrec.quick_start import Interrupted, RunsFailed
     from mmrec.registry import RegistryError, available_models, canonical_name
 
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             config = load_config("BPR", args.dataset, sets)
             config["model"] = None  # not an ID-only model: check and load every configured feature file
+            ensure_generated(config)  # a synthetic preset: generated (or regenerated when stale)
             print(RecDataset(config).summary())
             return 0
         if args.command == "show":

@@ -65,8 +65,11 @@ def main() -> None:
     args = ap.parse_args()
     from mmrec.config import load_config
     from mmrec.data import RecDataset
+    from mmrec.data.sources import ensure_generated
 
-    print(RecDataset(load_config("BPR", args.dataset)).summary())  # generates a synthetic preset if needed
+    config = load_config("BPR", args.dataset)
+    ensure_generated(config)  # a synthetic preset is generated if needed
+    print(RecDataset(config).summary())
     have_ref = Path(args.mmrec_python).exists() and Path(args.mmrec_runner).exists()
     print(f"{'model':10s} {'ours s/epoch':>13s} {'MMRec s/epoch':>14s} {'speed-up':>9s} "
           f"{'ours s/eval':>12s} {'MMRec s/eval':>13s} {'speed-up':>9s}")

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from mmrec.config import load_config  # noqa: E402
 from mmrec.data import RecDataset  # noqa: E402
+from mmrec.data.sources import ensure_generated  # noqa: E402
 from mmrec.data.sampler import TrainBatches  # noqa: E402
 from mmrec.registry import get_model  # noqa: E402
 
@@ -48,6 +49,7 @@ def build_child(dataset: str, cache_dir: str, data_path: str) -> dict:
     from models.magnet_graph import cached_induced_edges
 
     cfg = load_config("MAGNET", dataset, {"cache_dir": cache_dir, "data_path": data_path})
+    ensure_generated(cfg)
     ds = RecDataset(cfg)
     ds.train_fingerprint, ds.feature_hash("v"), ds.feature_hash("t")  # hashing is not part of the build
     try:
@@ -118,6 +120,7 @@ def time_model(model_name: str, dataset: str, sets: dict, train_batches: int, ev
     from mmrec.trainer import build_optimizer
 
     cfg = load_config(model_name, dataset, sets)
+    ensure_generated(cfg)
     ds = RecDataset(cfg)
     torch.manual_seed(0)
     model = get_model(model_name)(cfg, ds)

@@ -27,6 +27,7 @@ from mmrec.config import (RANGES, ROOT, Config, ConfigError, check_rule, grid_po
                           parse_set)
 from mmrec.data import DataError, RecDataset
 from mmrec.data.dataset import MODALITIES, check_available
+from mmrec.data.sources import ensure_generated
 from mmrec.registry import canonical_name, get_model
 from mmrec.executor import Job, pending_jobs, run_jobs
 from mmrec.results import (STORE_NAME, TABLE_METRICS, ResultStore, compare_table, config_hash, grid_ranking,
@@ -105,6 +106,7 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
     model_cls = get_model(config["model"])
     reset_peak_memory()
     if dataset is None:
+        ensure_generated(config)
         dataset = RecDataset(config)
     log.info(dataset.summary())
     init_seed(int(config["seed"]))
@@ -416,6 +418,7 @@ def load_trained(run_dir: Path):
         raise ConfigError(f"{run_dir}: expected a finished run folder with config.yaml and best.pth")
     config = Config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     config["device"] = resolve_device(config)
+    ensure_generated(config)
     dataset = RecDataset(config)
     model = get_model(config["model"])(config, dataset).to(config["device"])
     state = torch.load(run_dir / "best.pth", map_location=config["device"], weights_only=False)

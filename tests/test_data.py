@@ -229,3 +229,17 @@ def test_the_core_imports_no_utility_and_no_model_module():
             offenders += [f"{path.relative_to(root)}: {n}" for n in names
                           if n.split(".")[0] in ("utils", "models") and not (path.name == "registry.py" and n == "models")]
     assert offenders == []
+
+
+def test_the_loader_only_loads_and_the_generator_is_called_before_it(tmp_path):
+    """A synthetic preset that is not there: RecDataset says how to make it; ensure_generated makes it."""
+    from mmrec.data.sources import ensure_generated
+
+    config = load_config("BPR", "tiny", {"data_path": str(tmp_path), "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(DataError, match=r"'tiny' is a synthetic preset: `python main.py prepare tiny`"):
+        RecDataset(config)
+    assert not (tmp_path / "tiny").exists()  # loading generated nothing
+    assert ensure_generated(config) == tmp_path / "tiny"
+    assert RecDataset(config).n_users == 200
+    own = load_config("BPR", "toy", {"data_path": str(tmp_path)})
+    assert ensure_generated(own) is None  # not a registered name: nothing to generate

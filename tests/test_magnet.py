@@ -301,10 +301,12 @@ def test_default_cues_are_not_one_shared_vector(tmp_path):
     across users more than they share one common vector: for h^A and h^S the root-mean-square spread around
     the user mean is at least twice the norm of that mean (uncentred f_m gives ~0.3-0.5 here)."""
     from mmrec.data import RecDataset
+    from mmrec.data.sources import ensure_generated
     from mmrec.trainer import Trainer, init_seed
 
     config = load_config("MAGNET", "mini", {"epochs": 1, "seed": 1, "num_threads": 1,
                                              "cache_dir": str(tmp_path / "cache")})
+    ensure_generated(config)
     dataset = RecDataset(config)
     init_seed(1)
     model = MAGNET(config, dataset)

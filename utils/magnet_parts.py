@@ -24,6 +24,7 @@ import torch
 import utils.synth  # noqa: F401  (registers the synthetic presets)
 from mmrec.config import load_config, yaml_load
 from mmrec.data import RecDataset
+from mmrec.data.sources import ensure_generated
 from mmrec.evaluation import evaluate
 from mmrec.registry import get_model
 
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         p.error(f"{cfg_path}: model is {saved.get('model')!r}; this tool reads MAGNET runs")
     skip = ("model", "dataset", "hyper_parameters", "device")
     config = load_config("MAGNET", saved["dataset"], {k: v for k, v in saved.items() if k not in skip})
+    ensure_generated(config)
     dataset = RecDataset(config)
     model = get_model("MAGNET")(config, dataset)
     state = torch.load(weights, map_location="cpu", weights_only=False)

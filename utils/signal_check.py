@@ -29,6 +29,7 @@ import torch
 from mmrec import graph
 from mmrec.config import load_config
 from mmrec.data import RecDataset
+from mmrec.data.sources import ensure_generated
 from mmrec.evaluation import evaluate
 
 K = 20
@@ -39,6 +40,7 @@ def load(data_path: Path | str, name: str) -> RecDataset:
     """The dataset as every run reads it (its yaml, split and feature files)."""
     config = load_config("BPR", name, {"data_path": str(data_path)})
     config["model"] = None  # not an ID-only model: load every configured feature file
+    ensure_generated(config)  # a registered synthetic preset: generated first if missing
     return RecDataset(config)
 
 

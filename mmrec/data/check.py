@@ -13,16 +13,14 @@ import numpy as np
 
 from mmrec.data.dataset import (MODALITIES, DataError, _missing_message, _resolve_data_dir, interaction_problems,
                                 read_features, read_interactions)
-from mmrec.data.sources import generator
+from mmrec.data.sources import ensure_generated
 
 
 def check_dataset(config) -> tuple[list[str], list[str]]:
     """(report lines, problems) for the dataset of ``config``; no problems = usable."""
     name = config["dataset"]
+    ensure_generated(config)  # a registered synthetic preset is generated on first use
     folder = _resolve_data_dir(config)
-    ensure = generator(name)  # a registered synthetic preset is generated on first use
-    if ensure is not None and ((folder / "meta.json").exists() or not folder.exists()):
-        ensure(folder.parent, name)
     lines = [f"dataset {name}: {folder}"]
     problems: list[str] = []
     inter_path = folder / (config.get("inter_file_name") or f"{name}.inter")

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from mmrec.cache import ArtifactCache
 from mmrec.config import CONFIG_DIR
-from mmrec.data.sources import generated_names, generator
+from mmrec.data.sources import ensure_generated, generated_names
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,10 @@ def _missing_message(folder: Path, config) -> str:
     expected = [e for e in expected if e]
     msg = (f"dataset folder {folder} is missing or incomplete: expected {', '.join(expected)} there "
            f"(MMRec format, see README 'Datasets').")
-    if name.lower() in AMAZON_DATASETS:
+    if name in generated_names():
+        msg += (f" {name!r} is a synthetic preset: `python main.py prepare {name}` generates it (from Python: "
+                f"mmrec.data.sources.ensure_generated(config) before loading).")
+    elif name.lower() in AMAZON_DATASETS:
         msg += f" Download the '{name}' folder from MMRec's Google Drive ({DRIVE_URL}) into {folder.parent}/."
     elif not folder.exists():  # an unknown name: say what exists
         present = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
@@ -92,10 +95,7 @@ class RecDataset:
     def __init__(self, config):
         self.config = config
         self.name = config["dataset"]
-        folder = _resolve_data_dir(config)
-        ensure = generator(self.name)  # a registered generator (synthetic presets): generated on first use
-        if ensure is not None and ((folder / "meta.json").exists() or not folder.exists()):
-            ensure(folder.parent, self.name)
+        folder = _resolve_data_dir(config)  # a synthetic preset is generated before, by ensure_generated
         self.folder = folder
         inter_path, feature_paths = _check_files(folder, config)
         users, items, labels = self._read_inter(inter_path)
@@ -329,10 +329,7 @@ def check_available(config) -> None:
     """The missing-data error a run would stop with, raised without reading any data; a registered
     synthetic preset is generated here, once, before parallel jobs could race to generate it.  Lets a
     comparison over many datasets fail at once."""
-    folder = _resolve_data_dir(config)
-    ensure = generator(config["dataset"])
-    if ensure is not None and ((folder / "meta.json").exists() or not folder.exists()):
-        ensure(folder.parent, config["dataset"])
-    _check_files(folder, config)
+    ensure_generated(config)
+    _check_files(_resolve_data_dir(config), config)
 
 
