@@ -6,6 +6,7 @@ plus ``reg_weight * EmbLoss`` (non-squared Frobenius norms / batch) on the batch
 """
 from __future__ import annotations
 
+import torch
 
 from mmrec.layers import xavier_tables
 from mmrec.losses import bpr_loss, emb_loss
@@ -24,12 +25,12 @@ class BPR(GeneralRecommender):
         self.user_embedding, self.item_embedding = xavier_tables(self.n_users, self.n_items,
                                                                  dim=self.embedding_size, init="normal")
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         u = self.user_embedding(interaction["users"])
         p = self.item_embedding(interaction["pos_items"])
         n = self.item_embedding(interaction["neg_items"])
         pos, neg = (u * p).sum(-1), (u * n).sum(-1)
         return {"bpr": bpr_loss(pos, neg, "eps"), "reg": self.reg_weight * emb_loss(u, p, n)}
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.user_embedding(interaction["users"]) @ self.item_embedding.weight.T

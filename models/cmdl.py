@@ -192,7 +192,7 @@ class CMDL(GeneralRecommender):
                 + club_learning_loss(self.club_v_st, torch.cat([s, xt], dim=1), xv))
 
     # ------------------------------------------------------------------------------------------
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # the reference's second step for the previous batch runs after that batch's main update
         self._run_pending_critic_step()
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
@@ -252,6 +252,6 @@ class CMDL(GeneralRecommender):
         w = self._last_weights
         return {} if w is None else {"w_v": float(w[0]), "w_t": float(w[1]), "w_s": float(w[2])}
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         z = self.cached("forward", self.forward)["z"]
         return z[: self.n_users][interaction["users"]] @ z[self.n_users:].T

@@ -93,7 +93,7 @@ class FREEDOM(GeneralRecommender):
         c = graph.propagate(adj, ego, self.n_ui_layers)
         return c[: self.n_users], c[self.n_users:] + h  # Eq. 7
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         if self.train_adj is None:  # the trainer calls pre_epoch_processing first; direct calls may not
             self.pre_epoch_processing()
@@ -112,6 +112,6 @@ class FREEDOM(GeneralRecommender):
             parts["modal_bpr"] = self.reg_weight * modal
         return parts
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         zu, zi = self.cached("forward", lambda: self.forward(self.full_adj))
         return zu[interaction["users"]] @ zi.T

@@ -190,7 +190,7 @@ class GUME(GeneralRecommender):
         return x[: self.n_users], x[self.n_users:]
 
     # -- training ---------------------------------------------------------------------------------
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         out = self.forward()
         z_users, z_items = self._split(out["final"])
@@ -214,7 +214,7 @@ class GUME(GeneralRecommender):
         view2 = simgcl_perturb(embeddings, 0.1)
         return info_nce(view1[users], view2[users], self.um_temp)
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         final = self.cached("final", lambda: self.forward()["final"])
         z_users, z_items = self._split(final)
         return z_users[interaction["users"]] @ z_items.T

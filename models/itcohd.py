@@ -245,7 +245,7 @@ class ITCoHDMRec(GeneralRecommender):
         out["z_u"], out["z_i"] = z_u, z_i
         return out
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         out = self.forward()
         u, p, n = out["z_u"][users], out["z_i"][pos], out["z_i"][neg]
@@ -259,6 +259,6 @@ class ITCoHDMRec(GeneralRecommender):
         diff = self.diffusion_loss("v", out["g0_v"][users]) + self.diffusion_loss("t", out["g0_t"][users])
         return {"bpr": bpr, "reg": reg, "mc": self.mc_weight * mc, "diff": self.diff_weight * diff}
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.cached("forward", self.forward)
         return out["z_u"][interaction["users"]] @ out["z_i"].T

@@ -154,7 +154,7 @@ class LATTICE(GeneralRecommender):
         c = graph.propagate(self.adj, ego, self.n_ui_layers)
         return c[: self.n_users], c[self.n_users:] + F.normalize(h, p=2, dim=1)
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         if self._build_graph or self._item_adj is None:
             item_adj = self.build_item_graph()  # with gradient: first batch of the epoch
@@ -168,6 +168,6 @@ class LATTICE(GeneralRecommender):
         bpr = dot_bpr(u, p, n, "mean")
         return {"bpr": bpr, "reg": self.reg_weight * half_sq(u, p, n, batch_size=self.batch_size)}
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         zu, zi = self.cached("forward", lambda: self.forward(self.build_item_graph()))
         return zu[interaction["users"]] @ zi.T

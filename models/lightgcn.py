@@ -34,7 +34,7 @@ class LightGCN(GeneralRecommender):
         z = propagate(self.adj, ego, self.n_layers)  # Eq. (mean over layers 0..L)
         return z[: self.n_users], z[self.n_users:]
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         zu, zi = self.forward()
         u, p, n = zu[users], zi[pos_items], zi[neg_items]
@@ -42,6 +42,6 @@ class LightGCN(GeneralRecommender):
         reg = emb_loss(self.user_embedding(users), self.item_embedding(pos_items), self.item_embedding(neg_items))
         return {"bpr": loss, "reg": self.reg_weight * reg}
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         zu, zi = self.cached("forward", self.forward)
         return zu[interaction["users"]] @ zi.T

@@ -538,7 +538,7 @@ class MAGNET(GeneralRecommender):
             self.train(was_training)
         return pi, list(self.expert_names)
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         # the batch's own users and items (sorted), and each pair's position among them
         batch_users, u_at = torch.unique(users, return_inverse=True)
@@ -619,7 +619,7 @@ class MAGNET(GeneralRecommender):
         rows, self._trace = self._trace, []
         return rows
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         users = interaction["users"]
         if self.use_moe and self.router.kind == "linear" and self.heads.kind == "hadamard":
             return self._rank_hadamard(users)

@@ -145,7 +145,7 @@ class MENTOR(GeneralRecommender):
         return self._weighted(self.v_gcn(self.adj, self.v_feat), self.t_gcn(self.adj, self.t_feat))
 
     # -- training ---------------------------------------------------------------------------------
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         out = self.forward()
         fused, nu = out["fused"], self.n_users
@@ -171,7 +171,7 @@ class MENTOR(GeneralRecommender):
             total = total + 1 - F.cosine_similarity(dropped, self.mask_mlp(part)).mean()
         return total
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.predict_fresh_forward or self._last_batch_scoring is None:
             fused = self.cached("fused", self.fused_forward)
         else:

@@ -187,7 +187,7 @@ class MIGGT(GeneralRecommender):
         return out[:, 0], out
 
     # ------------------------------------------------------------------------------------------
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos_items = interaction["users"], interaction["pos_items"]
         z, tokens = self.forward()
         if self.own_negatives:  # reference sampler (drawn after the forward, as there): uniform over all
@@ -228,7 +228,7 @@ class MIGGT(GeneralRecommender):
             self._pass_forward = z
         return z
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         users = interaction["users"]
         z = self._eval_embeddings()
         scores = z[: self.n_users][users] @ z[self.n_users:].T

@@ -273,7 +273,7 @@ class SOIL(GeneralRecommender):
         side = (image_view + text_view - common) / 3
         return content + side, side, content
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         final, side, content = self.forward()
         nu = self.n_users
@@ -286,7 +286,7 @@ class SOIL(GeneralRecommender):
         user_item = info_nce(u, content_p, t) + info_nce(u, side_p, t)
         return {"bpr": bpr, "cl_ii": self.cl_loss * item_item, "cl_ui": self.cl_loss2 * user_item}
 
-    def full_sort_predict(self, interaction):
+    def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         final = self.cached("final", lambda: self.forward()[0])
         return final[interaction["users"]] @ final[self.n_users:].T
 
