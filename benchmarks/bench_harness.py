@@ -3,7 +3,7 @@
 code measured in the same run on the same data (ratios, since this machine is shared and noisy).
 
     python benchmarks/bench_harness.py --dataset baby_synth --models BPR,LightGCN --epochs 3 \
-        [--mmrec-python ~/.cache/mmrec_ref/venv/bin/python --mmrec-runner /work/refs/run_ref.py]
+        [--mmrec-python PYTHON --mmrec-runner RUNNER]
 
 The MMRec side is optional (it needs the reference set up outside the repo, see docs/parity.md); without
 it the script prints our figures only.
@@ -38,13 +38,16 @@ def ours(model: str, dataset: str, epochs: int, threads: int) -> dict:
             "sec_per_eval": res["eval_seconds"], "wall": wall, "valid_recall@20": res["valid"]["recall@20"]}
 
 
-def mmrec(model: str, dataset: str, epochs: int, python: str, runner: str, data_path: str) -> dict | None:
+def mmrec(model: str, dataset: str, epochs: int, python: str, runner: str, data_path: str,
+          threads: int = 0) -> dict | None:
+    """MMRec's own code on the same data (its runner times every epoch and evaluation pass)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [python, runner, "-m", model, "-d", dataset, "--data-path", data_path, "--epochs", str(epochs),
                "--seed", "999", "--json", str(out)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None  # the same threads as ours
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not out.exists():
             print(f"MMRec {model} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -59,8 +62,10 @@ def main() -> None:
     ap.add_argument("--models", default="BPR,LightGCN")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    ap.add_argument("--mmrec-python", default=os.path.expanduser("~/.cache/mmrec_ref/venv/bin/python"))
-    ap.add_argument("--mmrec-runner", default="/work/refs/run_ref.py")
+    ap.add_argument("--mmrec-python", default=os.environ.get("MMREC_PYTHON", ""),
+                    help="the Python of MMRec's virtual environment (or $MMREC_PYTHON)")
+    ap.add_argument("--mmrec-runner", default=os.environ.get("MMREC_RUNNER", ""),
+                    help="the reference runner script that calls MMRec's quick_start (or $MMREC_RUNNER)")
     ap.add_argument("--data-path", default=str(ROOT / "data"))
     args = ap.parse_args()
     from mmrec.config import load_config
@@ -70,12 +75,14 @@ def main() -> None:
     config = load_config("BPR", args.dataset)
     ensure_generated(config)  # a synthetic preset is generated if needed
     print(RecDataset(config).summary())
-    have_ref = Path(args.mmrec_python).exists() and Path(args.mmrec_runner).exists()
+    have_ref = bool(args.mmrec_python and args.mmrec_runner) and Path(args.mmrec_python).exists() \
+        and Path(args.mmrec_runner).exists()
     print(f"{'model':10s} {'ours s/epoch':>13s} {'MMRec s/epoch':>14s} {'speed-up':>9s} "
           f"{'ours s/eval':>12s} {'MMRec s/eval':>13s} {'speed-up':>9s}")
     for model in args.models.split(","):
         a = ours(model, args.dataset, args.epochs, args.threads)
-        b = mmrec(model, args.dataset, args.epochs, args.mmrec_python, args.mmrec_runner, args.data_path) \
+        b = mmrec(model, args.dataset, args.epochs, args.mmrec_python, args.mmrec_runner, args.data_path,
+                  args.threads) \
             if have_ref else None
         if b:
             print(f"{model:10s} {a['sec_per_epoch']:13.3f} {b['sec_per_epoch']:14.3f} "

@@ -203,8 +203,11 @@ class Trainer:
             self._fresh_optimizer()
         model.pre_epoch_processing()
         parts: dict[str, float] = {}
-        total = 0.0
+        total, steps = 0.0, 0
         n_batches = len(self.batches)
+        max_steps = int(self.config.get("max_steps_per_epoch", 0) or 0)
+        if 0 < max_steps < n_batches:  # a partial epoch (the sampler's stream still advances a full epoch)
+            n_batches = max_steps
         iterator = self.batches.epoch()
         if sys.stderr.isatty() and self.config.get("progress", True):
             from tqdm import tqdm
@@ -234,6 +237,10 @@ class Trainer:
             total += value
             for k, v in named.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            steps += 1
+            if steps == n_batches:
+                break
+        self.steps_per_epoch = steps
         out = {"loss": total / n_batches}
         out.update({k: v / n_batches for k, v in parts.items()})
         return out
@@ -312,6 +319,7 @@ class Trainer:
                 "seconds_per_epoch": round(statistics.median(self.train_times), 4) if self.train_times else None,
                 "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
                 "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history,
+                "steps_per_epoch": getattr(self, "steps_per_epoch", None), "batches_per_epoch": len(self.batches),
                 "efficiency": self.efficiency()}
 
     def _append_trace(self, rows: list[dict]) -> None:

@@ -229,3 +229,26 @@ def test_resume_after_early_stopping_only_scores_test(tmp_path):
     resumed.load_state_dict(torch.load(out / "last.pth", weights_only=False))
     again = resumed.fit()
     assert again["epochs_run"] == fit["epochs_run"] and again["test"] == fit["test"]
+
+
+def test_lightgcn_batch_rows_loss_and_gradients_equal_the_full_forward(tiny):
+    """LightGCN's training step propagates the batch's rows only in the last layer: same loss, same grads."""
+    from mmrec.losses import dot_bpr, emb_loss
+    from models.lightgcn import LightGCN
+    from tests.helpers import build
+
+    model, _ = build(tiny, LightGCN)
+    b = {"users": torch.tensor([0, 5, 5, 7]), "pos_items": torch.tensor([1, 2, 3, 1]),
+         "neg_items": torch.tensor([4, 4, 9, 0])}
+    fast = sum(model.calculate_loss(b).values())
+    fast.backward()
+    grads = [p.grad.clone() for p in (model.user_embedding.weight, model.item_embedding.weight)]
+    model.zero_grad()
+    zu, zi = model.forward()  # the full propagation, then the batch's rows
+    u, p, n = zu[b["users"]], zi[b["pos_items"]], zi[b["neg_items"]]
+    ids = (model.user_embedding(b["users"]), model.item_embedding(b["pos_items"]), model.item_embedding(b["neg_items"]))
+    full = dot_bpr(u, p, n, "eps") + model.reg_weight * emb_loss(*ids)
+    full.backward()
+    torch.testing.assert_close(fast, full)
+    for got, param in zip(grads, (model.user_embedding.weight, model.item_embedding.weight)):
+        torch.testing.assert_close(got, param.grad)

@@ -142,3 +142,19 @@ def test_early_stopping_rule_is_a_pure_function():
     assert early_stopping(0.3, 0.25, 1, 2) == (False, 2, False)   # 2 evaluations without improvement
     assert early_stopping(0.3, 0.29, 2, 2) == (False, 3, True)    # the third: more than stopping_step
     assert early_stopping(0.3, 0.1, 0, 0) == (False, 1, True)     # patience 0 stops at the first miss
+
+
+def test_max_steps_per_epoch_trains_that_many_batches(tmp_path, monkeypatch):
+    """A partial epoch (smoke tests, benchmarks at Electronics scale): N calculate_loss calls per epoch."""
+    from models.bpr import BPR
+
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 2, "train_batch_size": 16, "checkpoint": False,
+                                                     "max_steps_per_epoch": 3})
+    model = BPR(cfg, ds)
+    calls = []
+    original = model.calculate_loss
+    monkeypatch.setattr(model, "calculate_loss", lambda batch: calls.append(1) or original(batch))
+    trainer = Trainer(cfg, model, ds, None)
+    result = trainer.fit()
+    assert len(calls) == 6 and result["steps_per_epoch"] == 3
+    assert result["batches_per_epoch"] == len(trainer.batches) > 3  # the full epoch would be longer
