@@ -120,7 +120,7 @@ def _merge_hyper(base: list, extra) -> list:
 # in the first layer that defines it (overall < dataset < model yaml), so every model key is typed too.
 RANGES: dict[str, tuple[str, Any]] = {
     "epochs": (">=", 1), "train_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "eval_step": (">=", 1),
-    "max_steps_per_epoch": (">=", 0),
+    "max_steps_per_epoch": (">=", 0), "optimizer_impl": ("in", ("fused", "foreach")),
     "stopping_step": (">=", 0), "learning_rate": (">", 0), "weight_decay": (">=", 0), "embedding_size": (">=", 1),
     "n_layers": (">=", 0), "num_threads": (">=", 0), "save_topk": (">=", 0), "metric_decimals": (">=", 0),
     "learning_rate_floor": (">=", 0), "split": ("in", ("x_label", "random")),

@@ -118,12 +118,17 @@ def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [{"params": ps, **({} if decayed else {"weight_decay": 0.0}), **({} if s == 1.0 else {"lr": lr * s})}
               for (decayed, s), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     learner = str(config["learner"]).lower()
+    # optimizer_impl: fused = one kernel per parameter over its whole update (the step reads and writes each
+    # tensor once; 4-5x faster on large tables such as trainable 4096-d features); foreach = torch's default
+    # multi-tensor path (the exact arithmetic of runs made before fused became the default)
+    impl = str(config.get("optimizer_impl", "fused"))
+    kind = {"fused": True} if impl == "fused" else {"foreach": True}
     if learner == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **kind)
     if learner == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **kind)
     if learner == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, foreach=True)
     raise ValueError(f"config 'learner' is {learner!r}: use adam, adamw or sgd")
 
 

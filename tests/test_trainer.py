@@ -158,3 +158,27 @@ def test_max_steps_per_epoch_trains_that_many_batches(tmp_path, monkeypatch):
     result = trainer.fit()
     assert len(calls) == 6 and result["steps_per_epoch"] == 3
     assert result["batches_per_epoch"] == len(trainer.batches) > 3  # the full epoch would be longer
+
+
+@pytest.mark.parametrize("learner", ["adam", "adamw"])
+def test_fused_optimizer_matches_the_foreach_path(tmp_path, learner):
+    """optimizer_impl: fused (the default) takes the same steps as torch's foreach path, to float rounding."""
+    from mmrec.trainer import build_optimizer
+    from models.mgcn import MGCN
+    from tests.helpers import BATCH
+
+    params = []
+    for impl in ("fused", "foreach"):
+        cfg, ds = tiny_setup(tmp_path / impl, "MGCN", overrides={"learner": learner, "weight_decay": 0.01,
+                                                                  "optimizer_impl": impl})
+        torch.manual_seed(0)
+        model = MGCN(cfg, ds)
+        opt = build_optimizer(cfg, model)
+        assert opt.defaults.get("fused") is (True if impl == "fused" else None)
+        for _ in range(3):
+            opt.zero_grad()
+            sum(model.calculate_loss(BATCH).values()).backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for fused, foreach in zip(*params):
+        torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)
