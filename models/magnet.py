@@ -215,7 +215,7 @@ class MAGNET(GeneralRecommender):
     """Dual-view graphs (observed and content-induced edges), triplet-template mixture of graph experts over
     graph/image/text channels, and entropy-triggered progressive routing. Paper and equations: this module's
     docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
-    com_eps, cue_centering, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
+    com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, knn_k, lambda_ctr,
     lambda_r, modality_scale, moe, n_layers, router, router_grad, routing_schedule, routing_trace_every,
@@ -232,6 +232,7 @@ class MAGNET(GeneralRecommender):
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
+        "cue_bpr": ("in", ("none", "cue", "behaviour")), "cue_bpr_weight": (">=", 0),
         "templates": ("in", ("fixed", "free")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
         "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
@@ -322,6 +323,7 @@ class MAGNET(GeneralRecommender):
         self.user_history_mean = graph.sparse_from_edges(coo.row, coo.col, vals, (self.n_users, self.n_items),
                                                          self.device)
         self.cue_target = str(cfg["user_cue_target"])
+        self.cue_bpr, self.cue_bpr_weight = str(cfg["cue_bpr"]), float(cfg["cue_bpr_weight"])
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
         # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
         # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
@@ -554,6 +556,9 @@ class MAGNET(GeneralRecommender):
         y_neg, _, _ = self.score_pairs(tables, u_at, neg_at, xu, side)
         zero = y_pos.new_zeros(())
         out = {"bpr": bpr_loss(y_pos, y_neg, "mean"), "ctr": zero, "cov": zero, "conf": zero}  # Eq. 27 (mean)
+        if self.cue_bpr != "none" and self.cue_bpr_weight > 0:
+            out["cue_bpr"] = self.cue_bpr_weight * self.cue_ranking_loss(reps_user, tables["r_item"][pos_at],
+                                                                         tables["r_item"][neg_at])
         if self.embedding_reg > 0:  # 0.5 (|e_u|^2 + |e_i|^2 + |e_j|^2), batch mean, on the layer-0 ID rows
             out["reg"] = self.embedding_reg * half_sq(self.user_embedding(users), self.item_embedding(pos),
                                                       self.item_embedding(neg), batch_size=users.numel())
@@ -565,6 +570,16 @@ class MAGNET(GeneralRecommender):
         if self.use_moe:
             out.update(self._routing_terms(pi_pos, gates_pos))
         return out
+
+    def cue_ranking_loss(self, reps_user: torch.Tensor, reps_pos: torch.Tensor, reps_neg: torch.Tensor) -> torch.Tensor:
+        """``cue_bpr`` (docs/magnet.md): a BPR term per modality m in {A, S} that gives f_m a ranking signal of
+        its own, as FREEDOM's and MGCN's modality branches have.  ``cue``: <h^m_u, h^m_i> ranks the positive over
+        the negative (a content-only recommender inside the model); ``behaviour``: <z_u, h^m_i> with z_u
+        detached (item cues pulled towards the collaborative space; only f_m learns from it)."""
+        anchor = reps_user[:, 1:] if self.cue_bpr == "cue" else reps_user[:, :1].detach()  # [B, 2 | 1, d]
+        pos = (anchor * reps_pos[:, 1:]).sum(-1)  # [B, 2]: A and S
+        neg = (anchor * reps_neg[:, 1:]).sum(-1)
+        return bpr_loss(pos[:, 0], neg[:, 0], "mean") + bpr_loss(pos[:, 1], neg[:, 1], "mean")
 
     def _cues_without_target(self, reps_user, reps_pos, users):
         """Training-time user cues with the positive item left out of the history mean (docs/magnet.md):

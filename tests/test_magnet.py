@@ -495,3 +495,28 @@ def test_checkpoints_from_before_the_controller_module_still_load(make):
     fresh = make()
     fresh.load_state_dict(old)
     assert int(fresh.controller.step) == 2 and int(fresh.controller.counter) == 2
+
+
+@pytest.mark.parametrize("mode", ["cue", "behaviour"])
+def test_cue_bpr_term_by_hand(make, mode):
+    """cue_bpr: BPR per modality on <h^m_u, h^m_i> (cue) or <z_u detached, h^m_i> (behaviour)."""
+    m = make(cue_bpr=mode, cue_bpr_weight=0.5, dropout=0.0)
+    users, pos, neg = torch.tensor([0, 3, 3]), torch.tensor([1, 2, 5]), torch.tensor([4, 0, 7])
+    parts = m.calculate_loss({"users": users, "pos_items": pos, "neg_items": neg})
+    m.eval()
+    with torch.no_grad():
+        t = m.encode()
+        ru, rp, rn = t["r_user"][users], t["r_item"][pos], t["r_item"][neg]
+    want = 0.0
+    for ch in (1, 2):  # A, S
+        anchor = ru[:, ch] if mode == "cue" else ru[:, 0]
+        x = (anchor * rp[:, ch]).sum(-1) - (anchor * rn[:, ch]).sum(-1)
+        want += torch.log1p(torch.exp(-x)).mean()
+    assert float(parts["cue_bpr"]) == pytest.approx(0.5 * float(want), rel=1e-4)
+    m.train()
+    m.zero_grad()
+    parts = m.calculate_loss({"users": users, "pos_items": pos, "neg_items": neg})
+    parts["cue_bpr"].backward()
+    assert m.image_proj.weight.grad.abs().sum() > 0
+    grad = m.user_embedding.weight.grad
+    assert grad is None or float(grad.abs().sum()) == 0.0  # only f_m learns from it (behaviour: z_u detached)
