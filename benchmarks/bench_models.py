@@ -21,8 +21,9 @@ and graphs a model builds are cached as in any run, so build time is not in the 
 A Markdown table is printed last.
 
 At Electronics scale a full epoch of the heavier models takes hours on a laptop CPU: ``--steps N`` trains N
-batches per epoch (``max_steps_per_epoch``) and reports seconds per epoch as the measured seconds per
-batch times the batches of a full epoch (marked "from N steps"); the evaluation pass is always complete.
+batches per epoch (``max_steps_per_epoch``) and reports seconds per epoch as the epoch's own work
+(sampling, hooks) plus the mean seconds per batch times the batches of a full epoch (marked "from N
+steps"); the evaluation pass is always complete.
 ``--mem-limit-gb G`` caps each child's data memory (RLIMIT_DATA), so a model that would need more fails
 with a memory error that is recorded instead of exhausting the machine.
 """
@@ -73,7 +74,10 @@ def worker(args) -> None:
         wall = time.perf_counter() - t0
     per_epoch = res["seconds_per_epoch"]
     if per_epoch and res.get("steps_per_epoch") and res["steps_per_epoch"] < res["batches_per_epoch"]:
-        per_epoch = per_epoch * res["batches_per_epoch"] / res["steps_per_epoch"]  # measured per batch, scaled
+        # a partial epoch: its per-epoch work as measured, plus the batches' mean time x a full epoch's batches
+        warm = res["history"][len(res["history"]) // 2]  # the median epoch (warm when 3 or more)
+        fixed = warm["train_seconds"] - warm["batch_seconds"]
+        per_epoch = fixed + warm["batch_seconds"] * res["batches_per_epoch"] / res["steps_per_epoch"]
     out = {"model": res["model"], "seconds_per_epoch": per_epoch, "eval_seconds": res["eval_seconds"],
            "steps": res.get("steps_per_epoch"), "batches_per_epoch": res.get("batches_per_epoch"),
            "build_seconds": res["build_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mib": round(_peak_rss_mib()),

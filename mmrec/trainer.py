@@ -214,6 +214,7 @@ class Trainer:
         if 0 < max_steps < n_batches:  # a partial epoch (the sampler's stream still advances a full epoch)
             n_batches = max_steps
         iterator = self.batches.epoch()
+        loop_start = time.perf_counter()
         if sys.stderr.isatty() and self.config.get("progress", True):
             from tqdm import tqdm
 
@@ -246,6 +247,7 @@ class Trainer:
             if steps == n_batches:
                 break
         self.steps_per_epoch = steps
+        self.loop_seconds = time.perf_counter() - loop_start  # the batches alone (no per-epoch work)
         out = {"loss": total / n_batches}
         out.update({k: v / n_batches for k, v in parts.items()})
         return out
@@ -275,7 +277,8 @@ class Trainer:
             train_time = time.perf_counter() - t0
             self.train_times.append(train_time)
             elapsed = (self.history[-1].get("elapsed_seconds", 0.0) if self.history else 0.0) + train_time
-            record = {"epoch": self.epoch, "train_seconds": round(train_time, 4), **losses, **stats}
+            record = {"epoch": self.epoch, "train_seconds": round(train_time, 4),
+                      "batch_seconds": round(self.loop_seconds, 4), **losses, **stats}
             msg = f"epoch {self.epoch:3d}  train {train_time:6.2f}s  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in losses.items())
             if stats:

@@ -158,6 +158,7 @@ def test_max_steps_per_epoch_trains_that_many_batches(tmp_path, monkeypatch):
     result = trainer.fit()
     assert len(calls) == 6 and result["steps_per_epoch"] == 3
     assert result["batches_per_epoch"] == len(trainer.batches) > 3  # the full epoch would be longer
+    assert all(0 < h["batch_seconds"] <= h["train_seconds"] for h in result["history"])  # batches within the epoch
 
 
 @pytest.mark.parametrize("learner", ["adam", "adamw"])
