@@ -130,6 +130,7 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
               "test": fit["test"], "stopped_by": fit["stopped_by"], "diverged": fit["diverged"],
               "train_seconds": fit["train_seconds"], "seconds_per_epoch": fit["seconds_per_epoch"],
               "eval_seconds": fit["eval_seconds"], "eval_seconds_total": fit["eval_seconds_total"],
+              "steps_per_epoch": fit["steps_per_epoch"], "batches_per_epoch": fit["batches_per_epoch"],
               "build_seconds": round(build_seconds, 3), "n_parameters": n_params,
               "efficiency": fit["efficiency"], "model_info": model.extra_results(), "history": fit["history"]}
     write_json(out_dir / "result.json", result)

@@ -183,3 +183,13 @@ def test_fused_optimizer_matches_the_foreach_path(tmp_path, learner):
         params.append([p.detach().clone() for p in model.parameters()])
     for fused, foreach in zip(*params):
         torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)
+
+
+def test_a_partial_epoch_is_recorded_in_result_json(tmp_path):
+    """run(): result.json says how many batches each epoch trained and how many a full epoch has."""
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 1, "max_steps_per_epoch": 2, "train_batch_size": 16,
+                                                     "checkpoint": False})
+    res = train_one(cfg, tmp_path / "run", ds)
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert res["steps_per_epoch"] == saved["steps_per_epoch"] == 2
+    assert saved["batches_per_epoch"] > 2 and saved["history"][0]["batch_seconds"] > 0
