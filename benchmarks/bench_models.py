@@ -81,7 +81,7 @@ def worker(args) -> None:
     out = {"model": res["model"], "seconds_per_epoch": per_epoch, "eval_seconds": res["eval_seconds"],
            "steps": res.get("steps_per_epoch"), "batches_per_epoch": res.get("batches_per_epoch"),
            "build_seconds": res["build_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mib": round(_peak_rss_mib()),
-           "test_recall@20": res["test"].get("recall@20")}
+           "test_recall@20": (res.get("test") or {}).get("recall@20")}
     if args.device == "cuda":
         out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     print("BENCH " + json.dumps(out), flush=True)
