@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=5400)
     ap.add_argument("--data-path", type=Path, default=ROOT / "data")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run (e.g. fanout=20)")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +69,8 @@ def main() -> None:
     factors = [float(f) for f in args.factors.split(",")]
     # training time only: no evaluation pass (eval_step beyond the last epoch), so the large sizes stay cheap
     runs = argparse.Namespace(epochs=args.epochs, threads=args.threads, device="cpu", steps=args.steps, mem_limit_gb=0,
-                              set=[f"data_path={args.data_path}", f"eval_step={args.epochs + 1}"], timeout=args.timeout)
+                              set=[f"data_path={args.data_path}", f"eval_step={args.epochs + 1}", *args.set],
+                              timeout=args.timeout)
     rows = []
     for factor in factors:
         name = generate(factor, args.data_path)
