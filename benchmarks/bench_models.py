@@ -175,7 +175,8 @@ def main() -> None:
     from mmrec.registry import available_models
 
     names = sorted(available_models()) if args.models == "all" else [m.strip() for m in args.models.split(",")]
-    names = ["LightGCN"] + [n for n in names if n != "LightGCN"]  # the reference first
+    if args.models == "all" or "LightGCN" in names:
+        names = ["LightGCN"] + [n for n in names if n != "LightGCN"]  # the reference first
     report, results = [], {}
     print(f"# bench_models: {len(names)} models, {args.epochs} epochs each, device {args.device}, "
           f"threads {args.threads or os.cpu_count()}", flush=True)
