@@ -75,7 +75,8 @@ class LATTICE(GeneralRecommender):
         if limit is not None and self.n_items > int(limit):
             raise ValueError(
                 f"LATTICE on {config['dataset']} ({self.n_items:,} items > max_dense_items={int(limit):,}): "
-                "the reference keeps several dense items x items graphs and no published LATTICE result "
+                f"the reference keeps several dense items x items graphs ({self.n_items ** 2 * 4 / 2 ** 30:.1f} GiB "
+                "each in float32) and no published LATTICE result "
                 "exists at this size (Electronics is '-' in MMRec, GUME and MAGNET). Our sparse top-k "
                 "implementation can run it: pass --set max_dense_items=null (a labelled extension, "
                 "not a reproduction).")
