@@ -11,7 +11,7 @@ Flavours (BASELINES.md section 1):
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -207,6 +207,26 @@ def spmm(adj: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -
 
 # ----------------------------------------------------------------------------------------------
 # propagation
+class BatchRows(NamedTuple):
+    """A training batch's own users and items (sorted, unique) and each pair's position among them."""
+    users: torch.Tensor
+    items: torch.Tensor
+    user_at: torch.Tensor
+    pos_at: torch.Tensor
+    neg_at: torch.Tensor
+
+    def node_rows(self, n_users: int) -> torch.Tensor:
+        """The batch's rows of a (U+I)-node table: its users, then its items (offset by n_users)."""
+        return torch.cat([self.users, self.items + n_users])
+
+
+def batch_rows(users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Tensor) -> BatchRows:
+    """The rows a batch needs, for ``propagate(..., rows=...)`` (the last layer for those rows only)."""
+    batch_users, user_at = torch.unique(users, return_inverse=True)
+    batch_items, item_at = torch.unique(torch.cat([pos_items, neg_items]), return_inverse=True)
+    return BatchRows(batch_users, batch_items, user_at, item_at[: pos_items.numel()], item_at[pos_items.numel():])
+
+
 def propagate(adj: torch.Tensor | list[torch.Tensor], ego: torch.Tensor, n_layers: int, readout: str = "mean",
               rows: torch.Tensor | None = None) -> torch.Tensor:
     """LightGCN propagation H_{l+1} = A H_l; readout ``mean`` over layers 0..L (Eq. 5), ``sum``,

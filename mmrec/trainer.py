@@ -13,6 +13,7 @@ the weights of the best validation epoch.  A NaN or infinite loss stops the run 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -161,6 +162,8 @@ class Trainer:
         self.history: list[dict] = []
         self.stopped_by = "epochs"
         self.train_times: list[float] = []
+        self.steps_per_epoch: int | None = None  # batches trained in the last epoch (max_steps_per_epoch)
+        self.loop_seconds = 0.0  # time of the last epoch's batches alone
         self.eval_times: list[float] = []
         self._best_state: dict | None = None  # weights of the best validation epoch (CPU copy)
 
@@ -208,12 +211,12 @@ class Trainer:
             self._fresh_optimizer()
         model.pre_epoch_processing()
         parts: dict[str, float] = {}
-        total, steps = 0.0, 0
+        total = 0.0
         n_batches = len(self.batches)
         max_steps = int(self.config.get("max_steps_per_epoch", 0) or 0)
         if 0 < max_steps < n_batches:  # a partial epoch (the sampler's stream still advances a full epoch)
             n_batches = max_steps
-        iterator = self.batches.epoch()
+        iterator = itertools.islice(self.batches.epoch(), n_batches)
         loop_start = time.perf_counter()
         if sys.stderr.isatty() and self.config.get("progress", True):
             from tqdm import tqdm
@@ -243,10 +246,7 @@ class Trainer:
             total += value
             for k, v in named.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            steps += 1
-            if steps == n_batches:
-                break
-        self.steps_per_epoch = steps
+        self.steps_per_epoch = n_batches
         self.loop_seconds = time.perf_counter() - loop_start  # the batches alone (no per-epoch work)
         out = {"loss": total / n_batches}
         out.update({k: v / n_batches for k, v in parts.items()})
@@ -327,7 +327,7 @@ class Trainer:
                 "seconds_per_epoch": round(statistics.median(self.train_times), 4) if self.train_times else None,
                 "eval_seconds": round(statistics.median(self.eval_times), 4) if self.eval_times else None,
                 "eval_seconds_total": round(sum(self.eval_times), 3), "history": self.history,
-                "steps_per_epoch": getattr(self, "steps_per_epoch", None), "batches_per_epoch": len(self.batches),
+                "steps_per_epoch": self.steps_per_epoch, "batches_per_epoch": len(self.batches),
                 "efficiency": self.efficiency()}
 
     def _append_trace(self, rows: list[dict]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmrec.graph import propagate
+from mmrec.graph import batch_rows, propagate
 from mmrec.layers import xavier_tables
 from mmrec.losses import dot_bpr, emb_loss
 from mmrec.recommender import GeneralRecommender
@@ -38,12 +38,11 @@ class LightGCN(GeneralRecommender):
         users, pos_items, neg_items = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         # the batch's rows only: the last layer is A[rows] H_{L-1} (the same values as the full forward's rows,
         # at the cost of those rows of A, forward and backward)
-        batch_users, u_at = torch.unique(users, return_inverse=True)
-        batch_items, i_at = torch.unique(torch.cat([pos_items, neg_items]), return_inverse=True)
+        batch = batch_rows(users, pos_items, neg_items)
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
-        z = propagate(self.adj, ego, self.n_layers, rows=torch.cat([batch_users, batch_items + self.n_users]))
-        item_rows = z[batch_users.numel():]
-        u, p, n = z[u_at], item_rows[i_at[: pos_items.numel()]], item_rows[i_at[pos_items.numel():]]
+        z = propagate(self.adj, ego, self.n_layers, rows=batch.node_rows(self.n_users))
+        item_rows = z[batch.users.numel():]
+        u, p, n = z[batch.user_at], item_rows[batch.pos_at], item_rows[batch.neg_at]
         loss = dot_bpr(u, p, n, "eps")
         reg = emb_loss(self.user_embedding(users), self.item_embedding(pos_items), self.item_embedding(neg_items))
         return {"bpr": loss, "reg": self.reg_weight * reg}

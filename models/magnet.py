@@ -543,9 +543,7 @@ class MAGNET(GeneralRecommender):
     def calculate_loss(self, interaction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         # the batch's own users and items (sorted), and each pair's position among them
-        batch_users, u_at = torch.unique(users, return_inverse=True)
-        batch_items, i_at = torch.unique(torch.cat([pos, neg]), return_inverse=True)
-        pos_at, neg_at = i_at[: pos.numel()], i_at[pos.numel():]
+        batch_users, batch_items, u_at, pos_at, neg_at = graph.batch_rows(users, pos, neg)
         tables = self.encode(batch_users, batch_items)
         reps_user = tables["r_user"][u_at]
         if self.cue_target == "exclude":  # h_u of Eq. 8 over I_u minus the positive being scored

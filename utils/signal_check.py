@@ -66,19 +66,24 @@ def cooc_sim(train: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((co.data[keep], (row_of[keep], co.indices[keep])), shape=co.shape)
 
 
-def user_scores(train: sp.csr_matrix, sim: sp.csr_matrix) -> np.ndarray:
-    """score(u, j) = sum of sim(i, j) over u's train items, divided by the user's max (so scorers add)."""
-    s = np.asarray((train @ sim).todense(), dtype=np.float32)
+def user_scores(train_rows: sp.csr_matrix, sim: sp.csr_matrix) -> np.ndarray:
+    """score(u, j) = sum of sim(i, j) over u's train items, divided by the user's max (so scorers add);
+    for the rows given (a block of users)."""
+    s = np.asarray((train_rows @ sim).todense(), dtype=np.float32)
     m = s.max(1, keepdims=True)
     return s / np.where(m > 0, m, 1.0)
 
 
-class ScoreTable(torch.nn.Module):
-    """A fixed [users, items] score matrix behind the evaluator's model interface."""
+class Scorer(torch.nn.Module):
+    """An item-kNN scorer behind the evaluator's model interface: per block of users,
+    sum_s w_s * user_scores(train[block], sim_s), or a fixed per-item ``prior`` (popularity).
+    Scores are made per block, so no users x items matrix is ever held."""
 
-    def __init__(self, scores: np.ndarray):
+    def __init__(self, train: sp.csr_matrix, terms: list[tuple[float, sp.csr_matrix]] = (),
+                 prior: np.ndarray | None = None):
         super().__init__()
-        self.scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+        self.train_matrix, self.terms = train, [(w, sim) for w, sim in terms if w]
+        self.prior = None if prior is None else torch.from_numpy(np.asarray(prior, dtype=np.float32))
 
     def start_evaluation(self, split: str | None = None) -> None:
         return None
@@ -87,7 +92,11 @@ class ScoreTable(torch.nn.Module):
         return None
 
     def full_sort_predict(self, interaction: dict) -> torch.Tensor:
-        return self.scores[interaction["users"]].clone()
+        block = interaction["users"].cpu().numpy()
+        if self.prior is not None:
+            return self.prior.expand(len(block), -1).clone()
+        rows = self.train_matrix[block]
+        return torch.from_numpy(sum(w * user_scores(rows, sim) for w, sim in self.terms))
 
 
 class _TailView:
@@ -104,8 +113,8 @@ class _TailView:
         return self._test
 
 
-def recall_ndcg(scores: np.ndarray, dataset, split: str) -> tuple[float, float]:
-    out = evaluate(ScoreTable(scores), dataset, split, [K], metrics=("recall", "ndcg"))["metrics"]
+def recall_ndcg(scorer: Scorer, dataset, split: str) -> tuple[float, float]:
+    out = evaluate(scorer, dataset, split, [K], metrics=("recall", "ndcg"))["metrics"]
     return out[f"recall@{K}"], out[f"ndcg@{K}"]
 
 
@@ -117,22 +126,24 @@ def evaluate_all(dataset: RecDataset, topk: int = 50, verbose: bool = True) -> d
 
     sims = {"cooc": cooc_sim(train, topk), "text": feature_sim(dataset.features["t"], topk),
             "image": feature_sim(dataset.features["v"], topk)}
-    scores = {name: user_scores(train, sim) for name, sim in sims.items()}
 
-    def run(score: np.ndarray) -> dict[str, float]:
-        (vr, vn), (tr, tn) = recall_ndcg(score, dataset, "valid"), recall_ndcg(score, dataset, "test")
-        return {"valid_R": vr, "valid_N": vn, "test_R": tr, "test_N": tn, "tail_R": recall_ndcg(score, tail, "test")[0]}
+    def combined(wt: float, wi: float) -> Scorer:
+        return Scorer(train, [(1.0, sims["cooc"]), (wt, sims["text"]), (wi, sims["image"])])
 
-    res = {"pop (reference)": run(np.broadcast_to(pop.astype(np.float32), (n_users, n_items)))}
-    res.update({name: run(score) for name, score in scores.items()})
+    def run(scorer: Scorer) -> dict[str, float]:
+        (vr, vn), (tr, tn) = recall_ndcg(scorer, dataset, "valid"), recall_ndcg(scorer, dataset, "test")
+        return {"valid_R": vr, "valid_N": vn, "test_R": tr, "test_N": tn, "tail_R": recall_ndcg(scorer, tail, "test")[0]}
+
+    res = {"pop (reference)": run(Scorer(train, prior=pop))}
+    res.update({name: run(Scorer(train, [(1.0, sim)])) for name, sim in sims.items()})
     best = None  # (valid Recall@20, w_t, w_i): chosen on validation only
     for wt in WEIGHT_GRID:
         for wi in WEIGHT_GRID:
-            r = recall_ndcg(scores["cooc"] + wt * scores["text"] + wi * scores["image"], dataset, "valid")[0]
+            r = recall_ndcg(combined(wt, wi), dataset, "valid")[0]
             if best is None or r > best[0] + 1e-12:
                 best = (r, wt, wi)
     _, wt, wi = best
-    res[f"sum(wt={wt},wi={wi})"] = run(scores["cooc"] + wt * scores["text"] + wi * scores["image"])
+    res[f"sum(wt={wt},wi={wi})"] = run(combined(wt, wi))
     if verbose:
         valid, test = dataset.eval_matrix("valid"), dataset.eval_matrix("test")
         n_int = train.nnz + valid.nnz + test.nnz
