@@ -222,6 +222,8 @@ class MAGNET(GeneralRecommender):
     seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
     trigger_window, user_cue_target, view, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
+    #: the stage controller's buffers were ctl_* on the model before it became its own module
+    renamed_parameters = {**GeneralRecommender.renamed_parameters, "ctl_": "controller."}
     #: elements of one [users x items x experts (x hidden)] scoring block in full ranking
     score_block_budget = 1 << 22
     #: every key's allowed values, in one place (checked before any data is loaded; docs/magnet.md)
@@ -407,8 +409,6 @@ class MAGNET(GeneralRecommender):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "sample_epoch", torch.tensor(0))  # checkpoints from before fanout seeding
-        for key in [k for k in state_dict if k.startswith(prefix + "ctl_")]:  # before the controller module
-            state_dict[prefix + "controller." + key[len(prefix) + 4:]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _reset_epoch_stats(self) -> None:
