@@ -19,9 +19,12 @@ import torch
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 DEGREE_EPS = 1e-7
-# spmm(rows=...) slices A[rows] (and its transpose for the backward) only while those rows hold at most
-# this share of A's non-zeros; above it one full product and a row pick cost less (measured, baby_synth)
-ROW_BLOCK_MAX_SHARE = 0.3
+# spmm(rows=...) / propagate(rows=...) slice A[rows] (and its transpose for the backward) only while those
+# rows hold at most this share of A's non-zeros; above it one full product and a row pick cost less.
+# Measured on baby_synth, one thread: on CPU (scipy slices) a LightGCN batch's rows hold ~35% of A, and
+# slicing + both row-block products took 10 ms against 18 ms for two full products; the torch slicing used
+# on other devices sorts, so it keeps the earlier, lower bound.
+ROW_BLOCK_MAX_SHARE = {"cpu": 0.7, "other": 0.3}
 AdjFlavour = Literal["sym", "sym_eps", "rw_self_loop"]
 KnnFlavour = Literal["raw", "bin", "sim", "sim_soil"]
 
@@ -105,6 +108,14 @@ def user_item_block(norm_adj: sp.spmatrix, n_users: int) -> sp.csr_matrix:
 
 # ----------------------------------------------------------------------------------------------
 # sparse x dense products
+def csr_mm(csr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A CSR matrix times a dense one, written once into a fresh output.  ``torch.sparse.mm`` zero-fills
+    an output and copies it before the product (two extra passes over a [rows, d] tensor, a third of a
+    LightGCN training step at Baby size); ``addmm`` with beta=0 ignores its input (NaN included)."""
+    out = x.new_empty(csr.shape[0], x.shape[1])
+    return torch.addmm(out, csr, x, beta=0, out=out)
+
+
 class _CsrMatmul(torch.autograd.Function):
     """y = A x with A fixed: forward and backward (A^T g) both run as CSR kernels, which on CPU are
     several times faster than torch's COO sparse.mm and its backward."""
@@ -112,11 +123,11 @@ class _CsrMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, csr, csr_t):
         ctx.csr_t = csr_t
-        return torch.sparse.mm(csr, x)
+        return csr_mm(csr, x)
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.sparse.mm(ctx.csr_t, grad.contiguous()), None, None
+        return csr_mm(ctx.csr_t, grad.contiguous()), None, None
 
 
 def _csr_pair(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +199,12 @@ def _row_share(adj: torch.Tensor, rows: torch.Tensor) -> float:
     return float((crow[rows + 1] - crow[rows]).sum()) / max(int(crow[-1]), 1)
 
 
+def _slice_rows(adj: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether A[rows] is worth slicing rather than one full product (``ROW_BLOCK_MAX_SHARE``)."""
+    bound = ROW_BLOCK_MAX_SHARE["cpu" if adj.device.type == "cpu" else "other"]
+    return _row_share(adj, rows) <= bound
+
+
 def spmm(adj: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse (fixed) matrix times dense matrix, differentiable in ``x``.  Use this (or ``propagate``)
     instead of ``torch.sparse.mm``; a sparse matrix whose values carry gradients falls back to it.
@@ -197,12 +214,12 @@ def spmm(adj: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -
     if adj.requires_grad:
         out = torch.sparse.mm(adj, x)
         return out if rows is None else out[rows]
-    if rows is not None and _row_share(adj, rows) > ROW_BLOCK_MAX_SHARE:
+    if rows is not None and not _slice_rows(adj, rows):
         return spmm(adj, x)[rows]  # the rows hold most of A: one full product is cheaper than slicing
     csr, csr_t = _csr_pair(adj) if rows is None else row_block(adj, rows)
     if x.requires_grad:
         return _CsrMatmul.apply(x, csr, csr_t)
-    return torch.sparse.mm(csr, x)
+    return csr_mm(csr, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +236,13 @@ class BatchRows(NamedTuple):
         """The batch's rows of a (U+I)-node table: its users, then its items (offset by n_users)."""
         return torch.cat([self.users, self.items + n_users])
 
+    def pair_rows(self) -> torch.Tensor:
+        """Positions in ``node_rows`` of every pair's user, then every positive, then every negative: one
+        ``index_select`` gathers all three (its backward is one ``index_add``, where indexing with
+        ``t[idx]`` three times sorts the indices in each backward)."""
+        n = self.users.numel()
+        return torch.cat([self.user_at, self.pos_at + n, self.neg_at + n])
+
 
 def batch_rows(users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Tensor) -> BatchRows:
     """The rows a batch needs, for ``propagate(..., rows=...)`` (the last layer for those rows only)."""
@@ -227,31 +251,100 @@ def batch_rows(users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Te
     return BatchRows(batch_users, batch_items, user_at, item_at[: pos_items.numel()], item_at[pos_items.numel():])
 
 
+READOUT_WEIGHTS = {"mean": lambda n_layers: [1.0 / (n_layers + 1)] * (n_layers + 1),
+                   "sum": lambda n_layers: [1.0] * (n_layers + 1),
+                   "last": lambda n_layers: [0.0] * n_layers + [1.0]}
+
+
+class _LinearPropagation(torch.autograd.Function):
+    """out = sum_l w_l H_l[rows] with H_0 = ego, H_l = A_l H_{l-1}: the whole propagation as one autograd node.
+
+    The readout is linear in ego, so nothing is saved for the backward but the matrices, and the backward
+    runs the same chain the other way, G_{l-1} = A_l^T G_l + w_{l-1} g (into one buffer per layer, the
+    readout's share added in place).  The same values and gradients as layer-by-layer autograd, without
+    the stacked layers, the per-layer zero-filled scatter buffers and the copies autograd makes of them:
+    at LightGCN's size these were a third of a training step.  ``rows`` None means every row; otherwise
+    the last layer is A_L[rows] H_{L-1} (``last`` = its row block and transpose, or None when the rows
+    hold most of A: then the full product, sliced)."""
+
+    @staticmethod
+    def forward(ctx, ego, rows, weights, last, *pairs):
+        ctx.rows, ctx.weights, ctx.last, ctx.pairs = rows, weights, last, pairs
+        ctx.set_materialize_grads(False)
+        ego_rows = ego if rows is None else ego.index_select(0, rows)
+        out = ego_rows * weights[0]
+        h = ego
+        for layer, (csr, _) in enumerate(pairs):
+            if layer == len(pairs) - 1 and last is not None:
+                h_rows = csr_mm(last[0], h)
+            else:
+                h = csr_mm(csr, h)
+                h_rows = h if rows is None else h.index_select(0, rows)
+            if weights[layer + 1]:
+                out.add_(h_rows, alpha=weights[layer + 1])
+        # second output: ego[rows] (a regulariser on the batch's layer-0 rows), its gradient joins the
+        # readout's in the backward instead of a separate full-size scatter
+        return out, (ego_rows if rows is not None else ego.new_empty(0, ego.shape[1]))
+
+    @staticmethod
+    def backward(ctx, g, g_ego_rows):
+        rows, weights, last, pairs = ctx.rows, ctx.weights, ctx.last, ctx.pairs
+        n_nodes = pairs[0][0].shape[1]
+        if g is None:
+            g = torch.zeros(n_nodes if rows is None else rows.numel(), g_ego_rows.shape[1],
+                            dtype=g_ego_rows.dtype, device=g_ego_rows.device)
+        g = g.contiguous()
+
+        def readout_share(buffer, w, extra=None):  # buffer[rows] += w g (+ extra)
+            if not w and extra is None:
+                return buffer
+            add = g * w if extra is None else (extra if not w else torch.add(extra, g, alpha=w))
+            return buffer.add_(add) if rows is None else buffer.index_add_(0, rows, add)
+
+        if last is not None:
+            grad = csr_mm(last[1], g * weights[-1])  # A_L[rows]^T (w_L g): [nodes, d]
+        else:
+            grad = readout_share(torch.zeros(n_nodes, g.shape[1], dtype=g.dtype, device=g.device), weights[-1])
+            grad = csr_mm(pairs[-1][1], grad)
+        for layer in range(len(pairs) - 2, -1, -1):  # layer's output H_{layer+1}: add its readout share, go back
+            grad = csr_mm(pairs[layer][1], readout_share(grad, weights[layer + 1]))
+        return (readout_share(grad, weights[0], g_ego_rows), None, None, None) + (None,) * len(pairs)
+
+
 def propagate(adj: torch.Tensor | list[torch.Tensor], ego: torch.Tensor, n_layers: int, readout: str = "mean",
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+              rows: torch.Tensor | None = None, return_ego_rows: bool = False):
     """LightGCN propagation H_{l+1} = A H_l; readout ``mean`` over layers 0..L (Eq. 5), ``sum``,
     or ``last``.  ``adj`` may be one matrix or one per layer (neighbour sampling draws each layer's own).
 
     ``rows``: return only those rows of the readout.  The last layer is then computed for those rows
     alone (A[rows] H_{L-1}), which also spares its backward a full product: a training step that
-    scores a batch needs L-1 full products forward and L-1 backward instead of L and L."""
+    scores a batch needs L-1 full products forward and L-1 backward instead of L and L.
+    ``return_ego_rows`` (with ``rows``): also return ego[rows], for a regulariser on the batch's layer-0
+    embeddings, at no extra full-size pass in the backward.
+    Fixed matrices run as one autograd node (``_LinearPropagation``); a matrix whose values carry
+    gradients runs layer by layer."""
     mats = list(adj) if isinstance(adj, (list, tuple)) else [adj] * n_layers
     if len(mats) != n_layers:
         raise ValueError(f"propagate: {len(mats)} adjacency matrices for {n_layers} layers")
+    if readout not in READOUT_WEIGHTS:
+        raise ValueError(f"unknown readout {readout!r}")
+    if return_ego_rows and rows is None:
+        raise ValueError("propagate: return_ego_rows needs rows")
+    weights = READOUT_WEIGHTS[readout](n_layers)
+    fixed_sparse = all((m.is_sparse or m.layout == torch.sparse_csr) and not m.requires_grad for m in mats)
+    if fixed_sparse and n_layers > 0:
+        last = None  # the last layer for the rows alone, unless they hold most of A (then full, sliced)
+        if rows is not None and _slice_rows(mats[-1], rows):
+            last = row_block(mats[-1], rows)
+        out, ego_rows = _LinearPropagation.apply(ego, rows, weights, last, *[_csr_pair(m) for m in mats])
+        return (out, ego_rows) if return_ego_rows else out
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-    layers = [pick(ego)]
+    out = pick(ego) * weights[0]
     h = ego
     for layer, mat in enumerate(mats):
-        last = layer == n_layers - 1
-        h = spmm(mat, h, rows if last else None)
-        layers.append(h if last else pick(h))
-    if readout == "mean":
-        return torch.stack(layers, dim=0).mean(dim=0)
-    if readout == "sum":
-        return torch.stack(layers, dim=0).sum(dim=0)
-    if readout == "last":
-        return layers[-1]
-    raise ValueError(f"unknown readout {readout!r}")
+        h = spmm(mat, h, rows if layer == n_layers - 1 else None)
+        out = out + (h if layer == n_layers - 1 else pick(h)) * weights[layer + 1]
+    return (out, ego[rows]) if return_ego_rows else out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from mmrec.registry import canonical_name, get_model
 from mmrec.executor import Job, pending_jobs, run_jobs
 from mmrec.results import (STORE_NAME, TABLE_METRICS, ResultStore, compare_table, config_hash, grid_ranking,
                            run_record, table_json, write_tables)
-from mmrec.trainer import Trainer, init_seed, reset_peak_memory
+from mmrec.trainer import Trainer, init_seed, reset_peak_memory, reuse_freed_cpu_memory
 
 log = logging.getLogger("mmrec")
 PAPER_SPLIT_SEEDS = [9, 672, 5368, 12784, 2025]
@@ -102,6 +102,7 @@ def train_one(config: Config, out_dir: Path, dataset: RecDataset | None = None, 
     config["device"] = resolve_device(config)
     if int(config["num_threads"]) > 0:
         torch.set_num_threads(int(config["num_threads"]))
+    reuse_freed_cpu_memory(bool(config.get("cpu_malloc_reuse", True)))
     save_config(config, out_dir)
     model_cls = get_model(config["model"])
     reset_peak_memory()

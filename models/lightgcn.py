@@ -40,11 +40,13 @@ class LightGCN(GeneralRecommender):
         # at the cost of those rows of A, forward and backward)
         batch = batch_rows(users, pos_items, neg_items)
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
-        z = propagate(self.adj, ego, self.n_layers, rows=batch.node_rows(self.n_users))
-        item_rows = z[batch.users.numel():]
-        u, p, n = z[batch.user_at], item_rows[batch.pos_at], item_rows[batch.neg_at]
+        z, ego_rows = propagate(self.adj, ego, self.n_layers, rows=batch.node_rows(self.n_users),
+                                return_ego_rows=True)
+        pairs = batch.pair_rows()  # each pair's user, positive and negative among the batch's rows
+        u, p, n = z.index_select(0, pairs).chunk(3)
         loss = dot_bpr(u, p, n, "eps")
-        reg = emb_loss(self.user_embedding(users), self.item_embedding(pos_items), self.item_embedding(neg_items))
+        # EmbLoss on the batch's layer-0 rows: the same vectors as the ID tables' rows for users/pos/neg
+        reg = emb_loss(*ego_rows.index_select(0, pairs).chunk(3))
         return {"bpr": loss, "reg": self.reg_weight * reg}
 
     def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:

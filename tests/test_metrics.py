@@ -6,7 +6,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from mmrec.evaluation import evaluate, topk_metrics
+from mmrec import native
+from mmrec.evaluation import evaluate, topk_indices, topk_metrics
 
 
 def test_metrics_by_hand_single_user():
@@ -95,3 +96,41 @@ def test_evaluate_blocks_give_same_result():
     b = evaluate(_FixedScores(scores), ds, "test", [5, 10], batch_users=1000)["metrics"]
     for k in a:
         assert a[k] == pytest.approx(b[k])
+
+
+def _hard_rows(n_items: int, seed: int = 0) -> torch.Tensor:
+    """Score rows that break a careless top-k: ties, -inf rows (all training items), NaN, a short tail."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(12, n_items, generator=g)
+    s[0] = -torch.inf
+    s[0, n_items // 2] = 1.0                      # one rankable item
+    s[1, 3:] = -torch.inf                         # three
+    s[2] = torch.round(s[2])                      # many ties
+    s[3, 7] = float("nan")
+    s[4, -1] = 50.0                               # the best item in the short last block
+    s[5] = 0.0                                    # all equal
+    return s
+
+
+@pytest.mark.skipif(native.row_topk(torch.zeros(1, 1), 1) is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("n_items,k", [(7050, 20), (1000, 50), (33, 20), (20, 20), (5000, 1)])
+def test_compiled_row_topk_ranks_like_torch_topk(n_items, k):
+    """Same scores at every rank as torch.topk (equal scores may swap items), distinct valid items, NaN
+    never ranked ahead of a number."""
+    s = _hard_rows(n_items)
+    got = native.row_topk(s, k)
+    ref_scores = s.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    want = torch.topk(ref_scores, k, dim=1).indices
+    assert got.shape == (12, k) and bool((got >= 0).all()) and bool((got < n_items).all())
+    assert all(len(set(row.tolist())) == k for row in got)
+    torch.testing.assert_close(ref_scores.gather(1, got), ref_scores.gather(1, want))
+    assert got[4, 0] == n_items - 1 and got[0, 0] == n_items // 2
+    if k > 1:
+        assert got[5].tolist() == list(range(k))  # ties: the lower item first
+
+
+def test_topk_indices_without_the_compiled_kernel_is_torch_topk(monkeypatch):
+    s = _hard_rows(300)[1:3]
+    monkeypatch.setattr(native, "row_topk", lambda scores, k: None)
+    assert torch.equal(topk_indices(s, 20), torch.topk(s, 20, dim=1).indices)
+    assert topk_indices(s, 500).shape == (2, 300)  # k beyond the row: every item

@@ -193,3 +193,14 @@ def test_a_partial_epoch_is_recorded_in_result_json(tmp_path):
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert res["steps_per_epoch"] == saved["steps_per_epoch"] == 2
     assert saved["batches_per_epoch"] > 2 and saved["history"][0]["batch_seconds"] > 0
+
+
+def test_cpu_malloc_reuse_applies_on_glibc_and_can_be_switched_off():
+    import platform
+    import sys
+
+    from mmrec.trainer import reuse_freed_cpu_memory
+
+    assert reuse_freed_cpu_memory(False) is False
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_cpu_memory(True) is glibc

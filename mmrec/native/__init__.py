@@ -7,6 +7,8 @@ per source, compiler and processor, so a shared folder never serves a build made
 
 - ``topk_mix`` (``topk_mix.c``): MAGNET's Top-K softmax mixing of expert scores in full ranking, the
   compiled form of ``models.magnet.topk_softmax_mix``.
+- ``row_topk`` (``row_topk.c``): the top-k items of every row of a score block in evaluation, the compiled
+  form of ``torch.topk(scores, k, dim=1).indices`` (~4x faster on one thread at 7,050 items, k = 20).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 log = logging.getLogger("mmrec.native")
 _SOURCE = Path(__file__).with_name("topk_mix.c")
+_ROW_TOPK_SOURCE = Path(__file__).with_name("row_topk.c")
 _FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], ["-O3", "-fno-trapping-math", "-fopenmp"],
               ["-O3"])
 _loaded: dict[str, object] = {}
@@ -74,6 +77,32 @@ def _topk_mix_function():
                 fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
         _loaded["topk_mix"] = fn
     return _loaded["topk_mix"]
+
+
+def _row_topk_function():
+    if "row_topk" not in _loaded:
+        fn = None
+        if os.environ.get("MMREC_NATIVE", "1") != "0":
+            path = _build(_ROW_TOPK_SOURCE)
+            if path is not None:
+                fn = ctypes.CDLL(str(path)).row_topk
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_int64]
+        _loaded["row_topk"] = fn
+    return _loaded["row_topk"]
+
+
+def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Indices [rows, k] of every row's k largest scores, best first (ties: the lower index first), or
+    None when the kernel cannot run here (the caller then uses ``torch.topk``)."""
+    fn = _row_topk_function()
+    if fn is None or scores.device.type != "cpu" or scores.dim() != 2 or not 1 <= k <= min(scores.shape[1], 1024):
+        return None
+    scores = scores.float().contiguous()
+    out = torch.empty(scores.shape[0], k, dtype=torch.int64)
+    rc = fn(scores.data_ptr(), scores.shape[0], scores.shape[1], int(k), out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def available() -> bool:
