@@ -17,6 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mmrec import native
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 DEGREE_EPS = 1e-7
 # spmm(rows=...) / propagate(rows=...) slice A[rows] (and its transpose for the backward) only while those
@@ -109,25 +111,57 @@ def user_item_block(norm_adj: sp.spmatrix, n_users: int) -> sp.csr_matrix:
 # ----------------------------------------------------------------------------------------------
 # sparse x dense products
 def csr_mm(csr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A CSR matrix times a dense one, written once into a fresh output.  ``torch.sparse.mm`` zero-fills
-    an output and copies it before the product (two extra passes over a [rows, d] tensor, a third of a
-    LightGCN training step at Baby size); ``addmm`` with beta=0 ignores its input (NaN included)."""
+    """A CSR matrix times a dense one, written once into a fresh output: the compiled kernel on CPU
+    (``mmrec.native.csr_rows_mm``) where it builds, else ``addmm`` with beta=0 (``torch.sparse.mm``
+    zero-fills an output and copies it before the product: two extra passes over a [rows, d] tensor, a
+    third of a LightGCN training step at Baby size; beta=0 ignores the input, NaN included)."""
+    out = native.csr_rows_mm(csr, x)
+    if out is not None:
+        return out
     out = x.new_empty(csr.shape[0], x.shape[1])
     return torch.addmm(out, csr, x, beta=0, out=out)
 
 
+class _Product(NamedTuple):
+    """A fixed sparse operator M as CSR tensors: ``times(x)`` = M x, ``transpose_times(g)`` = M^T g."""
+    mat: torch.Tensor
+    mat_t: torch.Tensor
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        return csr_mm(self.mat, x)
+
+    def transpose_times(self, g: torch.Tensor) -> torch.Tensor:
+        return csr_mm(self.mat_t, g)
+
+
+class _RowsProduct(NamedTuple):
+    """M = A[rows] with unique rows, read in place by the compiled kernels: ``times(x)`` = A[rows] x from
+    A's CSR, ``transpose_times(g)`` = A[rows]^T g from A^T's CSR and ``pos`` (pos[r] = i where rows[i] = r,
+    else -1).  No slice or transpose of the row block is built."""
+    csr: torch.Tensor
+    csr_t: torch.Tensor
+    rows: torch.Tensor
+    pos: torch.Tensor
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        return native.csr_rows_mm(self.csr, x, self.rows)
+
+    def transpose_times(self, g: torch.Tensor) -> torch.Tensor:
+        return native.csr_masked_mm(self.csr_t, g, self.pos)
+
+
 class _CsrMatmul(torch.autograd.Function):
-    """y = A x with A fixed: forward and backward (A^T g) both run as CSR kernels, which on CPU are
-    several times faster than torch's COO sparse.mm and its backward."""
+    """y = M x with M fixed (a ``_Product`` or ``_RowsProduct``): forward and backward (M^T g) both run as
+    CSR kernels, which on CPU are several times faster than torch's COO sparse.mm and its backward."""
 
     @staticmethod
-    def forward(ctx, x, csr, csr_t):
-        ctx.csr_t = csr_t
-        return csr_mm(csr, x)
+    def forward(ctx, x, product):
+        ctx.product = product
+        return product.times(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return csr_mm(ctx.csr_t, grad.contiguous()), None, None
+        return ctx.product.transpose_times(grad.contiguous()), None
 
 
 def _csr_pair(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +239,19 @@ def _slice_rows(adj: torch.Tensor, rows: torch.Tensor) -> bool:
     return _row_share(adj, rows) <= bound
 
 
+def rows_product(adj: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> _Product | _RowsProduct | None:
+    """How to multiply by A[rows] (x: what it will multiply): read in place by the compiled kernels (CPU,
+    float32, unique rows), else a sliced row block while it holds at most ``ROW_BLOCK_MAX_SHARE`` of A,
+    else None (one full product, rows picked, costs less)."""
+    csr, csr_t = _csr_pair(adj)
+    if native.csr_ready(csr, x):
+        pos = torch.full((csr.shape[0],), -1, dtype=torch.int64)
+        pos[rows] = torch.arange(rows.numel())
+        if int((pos >= 0).sum()) == rows.numel():  # unique rows (a repeated row cannot have one position)
+            return _RowsProduct(csr, csr_t, rows, pos)
+    return _Product(*row_block(adj, rows)) if _slice_rows(adj, rows) else None
+
+
 def spmm(adj: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse (fixed) matrix times dense matrix, differentiable in ``x``.  Use this (or ``propagate``)
     instead of ``torch.sparse.mm``; a sparse matrix whose values carry gradients falls back to it.
@@ -214,12 +261,12 @@ def spmm(adj: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -
     if adj.requires_grad:
         out = torch.sparse.mm(adj, x)
         return out if rows is None else out[rows]
-    if rows is not None and not _slice_rows(adj, rows):
+    product = _Product(*_csr_pair(adj)) if rows is None else rows_product(adj, rows, x)
+    if product is None:
         return spmm(adj, x)[rows]  # the rows hold most of A: one full product is cheaper than slicing
-    csr, csr_t = _csr_pair(adj) if rows is None else row_block(adj, rows)
     if x.requires_grad:
-        return _CsrMatmul.apply(x, csr, csr_t)
-    return csr_mm(csr, x)
+        return _CsrMatmul.apply(x, product)
+    return product.times(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,8 +311,8 @@ class _LinearPropagation(torch.autograd.Function):
     readout's share added in place).  The same values and gradients as layer-by-layer autograd, without
     the stacked layers, the per-layer zero-filled scatter buffers and the copies autograd makes of them:
     at LightGCN's size these were a third of a training step.  ``rows`` None means every row; otherwise
-    the last layer is A_L[rows] H_{L-1} (``last`` = its row block and transpose, or None when the rows
-    hold most of A: then the full product, sliced)."""
+    the last layer is A_L[rows] H_{L-1} (``last``: a ``rows_product``, or None when the rows hold most of
+    A: then the full product, sliced)."""
 
     @staticmethod
     def forward(ctx, ego, rows, weights, last, *pairs):
@@ -276,7 +323,7 @@ class _LinearPropagation(torch.autograd.Function):
         h = ego
         for layer, (csr, _) in enumerate(pairs):
             if layer == len(pairs) - 1 and last is not None:
-                h_rows = csr_mm(last[0], h)
+                h_rows = last.times(h)
             else:
                 h = csr_mm(csr, h)
                 h_rows = h if rows is None else h.index_select(0, rows)
@@ -302,7 +349,7 @@ class _LinearPropagation(torch.autograd.Function):
             return buffer.add_(add) if rows is None else buffer.index_add_(0, rows, add)
 
         if last is not None:
-            grad = csr_mm(last[1], g * weights[-1])  # A_L[rows]^T (w_L g): [nodes, d]
+            grad = last.transpose_times(g * weights[-1])  # A_L[rows]^T (w_L g): [nodes, d]
         else:
             grad = readout_share(torch.zeros(n_nodes, g.shape[1], dtype=g.dtype, device=g.device), weights[-1])
             grad = csr_mm(pairs[-1][1], grad)
@@ -333,9 +380,8 @@ def propagate(adj: torch.Tensor | list[torch.Tensor], ego: torch.Tensor, n_layer
     weights = READOUT_WEIGHTS[readout](n_layers)
     fixed_sparse = all((m.is_sparse or m.layout == torch.sparse_csr) and not m.requires_grad for m in mats)
     if fixed_sparse and n_layers > 0:
-        last = None  # the last layer for the rows alone, unless they hold most of A (then full, sliced)
-        if rows is not None and _slice_rows(mats[-1], rows):
-            last = row_block(mats[-1], rows)
+        # the last layer for the rows alone (None: they hold most of A, so a full product, rows picked)
+        last = None if rows is None else rows_product(mats[-1], rows, ego)
         out, ego_rows = _LinearPropagation.apply(ego, rows, weights, last, *[_csr_pair(m) for m in mats])
         return (out, ego_rows) if return_ego_rows else out
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])

@@ -217,7 +217,8 @@ class MAGNET(GeneralRecommender):
     docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
     com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
-    fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, knn_k, lambda_ctr,
+    fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
+    item_graph_layers, knn_k, lambda_ctr,
     lambda_r, modality_scale, moe, n_layers, router, router_grad, routing_schedule, routing_trace_every,
     seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
     trigger_window, user_cue_target, view, weight_decay_on."""
@@ -235,6 +236,7 @@ class MAGNET(GeneralRecommender):
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
         "cue_bpr": ("in", ("none", "cue", "behaviour")), "cue_bpr_weight": (">=", 0),
+        "item_graph_layers": (">=", 0), "item_graph_image_weight": ("between", (0, 1)),
         "templates": ("in", ("fixed", "free")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
         "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
@@ -326,6 +328,15 @@ class MAGNET(GeneralRecommender):
                                                          self.device)
         self.cue_target = str(cfg["user_cue_target"])
         self.cue_bpr, self.cue_bpr_weight = str(cfg["cue_bpr"]), float(cfg["cue_bpr_weight"])
+        # item_graph_layers L > 0 (an extension, not in the paper): the items' behaviour representation gains
+        # S^L e_i, the ID embeddings smoothed over the frozen modality kNN graph S = w S_v + (1 - w) S_t
+        # (FREEDOM's item-item branch; KNN-BIN, k = knn_k, w = item_graph_image_weight)
+        self.item_graph_layers = int(cfg.get("item_graph_layers", 0) or 0)
+        self.item_graph = None
+        if self.item_graph_layers > 0:
+            w, k = float(cfg.get("item_graph_image_weight", 0.1)), int(cfg["knn_k"])
+            knn = {m: graph.knn_graph(dataset, m, k, "bin", True, graph.DEGREE_EPS) for m in ("v", "t")}
+            self.item_graph = graph.to_torch_sparse(w * knn["v"] + (1.0 - w) * knn["t"], self.device)
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
         # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
         # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
@@ -459,6 +470,11 @@ class MAGNET(GeneralRecommender):
         if views["uig"] is not None:
             z_uig = graph.propagate(views["uig"], ego, self.n_layers, rows=rows)
             out.update(z_uig=z_uig, z=0.5 * (z_ui + z_uig))  # Eq. 6
+        if self.item_graph is not None:  # item_graph_layers: z_i + S^L e_i (the extension above)
+            n_u = self.n_users if users is None else users.numel()
+            smoothed = graph.propagate(self.item_graph, self.item_embedding.weight, self.item_graph_layers, "last",
+                                       rows=items)
+            out["z"] = torch.cat([out["z"][:n_u], out["z"][n_u:] + smoothed])
         h_item_a, h_user_a = self._cues(self.image_proj, self.v_feat, users, items)  # Eqs. 7-8
         h_item_s, h_user_s = self._cues(self.text_proj, self.t_feat, users, items)
         z, n_u = out["z"], out["n_users"]

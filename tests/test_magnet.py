@@ -520,3 +520,25 @@ def test_cue_bpr_term_by_hand(make, mode):
     assert m.image_proj.weight.grad.abs().sum() > 0
     grad = m.user_embedding.weight.grad
     assert grad is None or float(grad.abs().sum()) == 0.0  # only f_m learns from it (behaviour: z_u detached)
+
+
+def test_item_graph_layers_adds_the_knn_smoothed_item_ids(make):
+    """item_graph_layers L (extension): the items' behaviour representation is z_i + S^L e_i with
+    S = w S_v + (1 - w) S_t (KNN-BIN, k = knn_k); users unchanged; a batch's rows equal the full encode's."""
+    from mmrec import graph
+
+    off, on = make(dropout=0.0), make(dropout=0.0, item_graph_layers=2, item_graph_image_weight=0.3)
+    on.load_state_dict(off.state_dict())
+    off.eval(), on.eval()
+    with torch.no_grad():
+        t_off, t_on = off.encode(), on.encode()
+        knn = {m: torch.from_numpy(graph.knn_graph(on.dataset, m, 3, "bin", True, graph.DEGREE_EPS).toarray())
+               for m in ("v", "t")}
+        s = (0.3 * knn["v"] + 0.7 * knn["t"]).float()
+        e = on.item_embedding.weight
+        n_u = on.n_users
+        torch.testing.assert_close(t_on["z"][n_u:], t_off["z"][n_u:] + s @ (s @ e), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t_on["z"][:n_u], t_off["z"][:n_u])
+        users, items = torch.tensor([0, 2]), torch.tensor([1, 4, 6])
+        rows = on.encode(users, items)
+        torch.testing.assert_close(rows["z"][2:], t_on["z"][n_u + items], atol=1e-5, rtol=1e-5)

@@ -7,6 +7,8 @@ per source, compiler and processor, so a shared folder never serves a build made
 
 - ``topk_mix`` (``topk_mix.c``): MAGNET's Top-K softmax mixing of expert scores in full ranking, the
   compiled form of ``models.magnet.topk_softmax_mix``.
+- ``csr_rows_mm`` / ``csr_masked_mm`` (``csr_mm.c``): a CSR matrix times a dense one for graph propagation
+  (all rows, or a batch's rows of A and the transpose of that row block, without slicing A).
 - ``row_topk`` (``row_topk.c``): the top-k items of every row of a score block in evaluation, the compiled
   form of ``torch.topk(scores, k, dim=1).indices`` (~4x faster on one thread at 7,050 items, k = 20).
 """
@@ -26,6 +28,7 @@ import torch
 log = logging.getLogger("mmrec.native")
 _SOURCE = Path(__file__).with_name("topk_mix.c")
 _ROW_TOPK_SOURCE = Path(__file__).with_name("row_topk.c")
+_CSR_MM_SOURCE = Path(__file__).with_name("csr_mm.c")
 _FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], ["-O3", "-fno-trapping-math", "-fopenmp"],
               ["-O3"])
 _loaded: dict[str, object] = {}
@@ -103,6 +106,57 @@ def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor | None:
     out = torch.empty(scores.shape[0], k, dtype=torch.int64)
     rc = fn(scores.data_ptr(), scores.shape[0], scores.shape[1], int(k), out.data_ptr(), torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def _csr_functions():
+    if "csr_mm" not in _loaded:
+        fns = None
+        if os.environ.get("MMREC_NATIVE", "1") != "0":
+            path = _build(_CSR_MM_SOURCE)
+            if path is not None:
+                lib = ctypes.CDLL(str(path))
+                fns = (lib.csr_rows_mm, lib.csr_masked_mm)
+                for fn in fns:
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                           ctypes.c_void_p, ctypes.c_int64]
+        _loaded["csr_mm"] = fns
+    return _loaded["csr_mm"]
+
+
+def csr_ready(csr: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the compiled CSR kernels can multiply ``csr`` by ``x`` here (CPU, float32, int64 indices)."""
+    return (csr.layout == torch.sparse_csr and csr.device.type == "cpu" and x.device.type == "cpu"
+            and csr.values().dtype == torch.float32 and x.dtype == torch.float32 and x.dim() == 2
+            and csr.crow_indices().dtype == torch.int64 and _csr_functions() is not None)
+
+
+def csr_rows_mm(csr: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``csr @ x`` (or ``(csr @ x)[rows]``, reading only those rows of the matrix), or None when the kernel
+    cannot run here (the caller then takes the torch path)."""
+    if not csr_ready(csr, x):
+        return None
+    x = x.contiguous()
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    n_out = csr.shape[0] if rows is None else rows.numel()
+    out = torch.empty(n_out, x.shape[1])
+    crow, col, val = csr.crow_indices(), csr.col_indices(), csr.values()
+    _csr_functions()[0](crow.data_ptr(), col.data_ptr(), val.data_ptr(), x.data_ptr(), x.shape[1],
+                        None if rows is None else rows.data_ptr(), n_out, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def csr_masked_mm(csr_t: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+    """``A[rows]^T g`` from ``csr_t`` = A^T and ``pos`` (pos[r] = i where rows[i] = r, else -1), or None
+    when the kernel cannot run here."""
+    if not csr_ready(csr_t, g):
+        return None
+    g, pos = g.contiguous(), pos.to(torch.int64).contiguous()
+    out = torch.empty(csr_t.shape[0], g.shape[1])
+    crow, col, val = csr_t.crow_indices(), csr_t.col_indices(), csr_t.values()
+    _csr_functions()[1](crow.data_ptr(), col.data_ptr(), val.data_ptr(), g.data_ptr(), g.shape[1], pos.data_ptr(),
+                        csr_t.shape[0], out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def available() -> bool:
