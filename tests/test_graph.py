@@ -66,10 +66,10 @@ def test_spmm_matches_dense_in_value_and_gradient():
     assert torch.allclose(x.grad, dense.T @ w, atol=1e-6)
 
 
-@pytest.mark.parametrize("compiled", [True, False])  # the compiled CSR kernels, or torch's (sliced row blocks)
-@pytest.mark.parametrize("readout", ["mean", "sum", "last"])
+@pytest.mark.parametrize("compiled,dim", [(True, 5), (True, 70), (False, 5)])  # compiled kernels (d < and > their
+@pytest.mark.parametrize("readout", ["mean", "sum", "last"])                 # 64-float chunk), or torch's
 @pytest.mark.parametrize("rows", [None, [2, 9, 4], list(range(0, 12, 1))])  # all rows; few (row block); most
-def test_propagate_matches_dense_autograd_in_value_and_gradient(readout, rows, compiled, monkeypatch):
+def test_propagate_matches_dense_autograd_in_value_and_gradient(readout, rows, compiled, dim, monkeypatch):
     """The one-node propagation against plain dense autograd, with a different non-symmetric matrix per
     layer (so a missing transpose or a layer out of order shows)."""
     if compiled and not native.csr_ready(torch.zeros(1, 1).to_sparse_csr(), torch.zeros(1, 1)):
@@ -79,8 +79,8 @@ def test_propagate_matches_dense_autograd_in_value_and_gradient(readout, rows, c
     gen = torch.Generator().manual_seed(0)
     dense = [torch.rand(12, 12, generator=gen) * (torch.rand(12, 12, generator=gen) < 0.3) for _ in range(3)]
     rows = None if rows is None else torch.tensor(rows)
-    weight = torch.randn(12 if rows is None else len(rows), 5, generator=gen)
-    ego = torch.randn(12, 5, generator=gen)
+    weight = torch.randn(12 if rows is None else len(rows), dim, generator=gen)
+    ego = torch.randn(12, dim, generator=gen)
     ref_ego = ego.clone().requires_grad_()
     layers, h = [ref_ego], ref_ego
     for a in dense:

@@ -69,31 +69,40 @@ def _build(source: Path) -> Path | None:
     return None
 
 
-def _topk_mix_function():
-    if "topk_mix" not in _loaded:
-        fn = None
+def _kernels(source: Path, signatures: dict[str, list]) -> tuple | None:
+    """The functions ``signatures`` names from ``source``'s build (argument types each; every one returns
+    an int status), loaded once per process; None when disabled (MMREC_NATIVE=0) or not buildable."""
+    key = source.stem
+    if key not in _loaded:
+        fns = None
         if os.environ.get("MMREC_NATIVE", "1") != "0":
-            path = _build(_SOURCE)
+            path = _build(source)
             if path is not None:
-                fn = ctypes.CDLL(str(path)).topk_mix
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
-        _loaded["topk_mix"] = fn
-    return _loaded["topk_mix"]
+                lib = ctypes.CDLL(str(path))
+                fns = tuple(getattr(lib, name) for name in signatures)
+                for fn, argtypes in zip(fns, signatures.values()):
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = argtypes
+        _loaded[key] = fns
+    return _loaded[key]
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _topk_mix_function():
+    fns = _kernels(_SOURCE, {"topk_mix": [_P] * 6 + [_I] * 5})
+    return fns and fns[0]
 
 
 def _row_topk_function():
-    if "row_topk" not in _loaded:
-        fn = None
-        if os.environ.get("MMREC_NATIVE", "1") != "0":
-            path = _build(_ROW_TOPK_SOURCE)
-            if path is not None:
-                fn = ctypes.CDLL(str(path)).row_topk
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                               ctypes.c_int64]
-        _loaded["row_topk"] = fn
-    return _loaded["row_topk"]
+    fns = _kernels(_ROW_TOPK_SOURCE, {"row_topk": [_P, _I, _I, _I, _P, _I]})
+    return fns and fns[0]
+
+
+def _csr_functions():
+    signature = [_P] * 4 + [_I, _P, _I, _P, _I]
+    return _kernels(_CSR_MM_SOURCE, {"csr_rows_mm": signature, "csr_masked_mm": signature})
 
 
 def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -106,22 +115,6 @@ def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor | None:
     out = torch.empty(scores.shape[0], k, dtype=torch.int64)
     rc = fn(scores.data_ptr(), scores.shape[0], scores.shape[1], int(k), out.data_ptr(), torch.get_num_threads())
     return out if rc == 0 else None
-
-
-def _csr_functions():
-    if "csr_mm" not in _loaded:
-        fns = None
-        if os.environ.get("MMREC_NATIVE", "1") != "0":
-            path = _build(_CSR_MM_SOURCE)
-            if path is not None:
-                lib = ctypes.CDLL(str(path))
-                fns = (lib.csr_rows_mm, lib.csr_masked_mm)
-                for fn in fns:
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                                           ctypes.c_void_p, ctypes.c_int64]
-        _loaded["csr_mm"] = fns
-    return _loaded["csr_mm"]
 
 
 def csr_ready(csr: torch.Tensor, x: torch.Tensor) -> bool:

@@ -13,6 +13,13 @@
 
 #define CHUNK 64
 
+static inline void axpy(float *restrict acc, float v, const float *restrict x, int64_t w) {  /* acc += v x */
+    if (w == CHUNK)
+        for (int q = 0; q < CHUNK; ++q) acc[q] += v * x[q];   /* fixed length: unrolled and vectorised */
+    else
+        for (int64_t q = 0; q < w; ++q) acc[q] += v * x[q];
+}
+
 int csr_rows_mm(const int64_t *restrict crow, const int64_t *restrict col, const float *restrict val,
                 const float *restrict x, int64_t d, const int64_t *restrict rows, int64_t n_out,
                 float *restrict out, int64_t n_threads) {
@@ -22,14 +29,7 @@ int csr_rows_mm(const int64_t *restrict crow, const int64_t *restrict col, const
         for (int64_t q0 = 0; q0 < d; q0 += CHUNK) {
             const int64_t w = d - q0 < CHUNK ? d - q0 : CHUNK;
             float acc[CHUNK] = {0};
-            for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
-                const float v = val[j];
-                const float *restrict xr = x + col[j] * d + q0;
-                if (w == CHUNK)
-                    for (int q = 0; q < CHUNK; ++q) acc[q] += v * xr[q];
-                else
-                    for (int64_t q = 0; q < w; ++q) acc[q] += v * xr[q];
-            }
+            for (int64_t j = crow[r]; j < crow[r + 1]; ++j) axpy(acc, val[j], x + col[j] * d + q0, w);
             memcpy(out + i * d + q0, acc, (size_t)w * sizeof(float));
         }
     }
@@ -46,13 +46,7 @@ int csr_masked_mm(const int64_t *restrict crow, const int64_t *restrict col, con
             float acc[CHUNK] = {0};
             for (int64_t j = crow[c]; j < crow[c + 1]; ++j) {
                 const int64_t p = pos[col[j]];
-                if (p < 0) continue;
-                const float v = val[j];
-                const float *restrict gr = g + p * d + q0;
-                if (w == CHUNK)
-                    for (int q = 0; q < CHUNK; ++q) acc[q] += v * gr[q];
-                else
-                    for (int64_t q = 0; q < w; ++q) acc[q] += v * gr[q];
+                if (p >= 0) axpy(acc, val[j], g + p * d + q0, w);
             }
             memcpy(out + c * d + q0, acc, (size_t)w * sizeof(float));
         }
