@@ -118,6 +118,8 @@ def csr_mm(csr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = native.csr_rows_mm(csr, x)
     if out is not None:
         return out
+    if csr.device.type != "cpu":  # (the zero-fill argument above is measured on CPU only)
+        return torch.sparse.mm(csr, x)
     out = x.new_empty(csr.shape[0], x.shape[1])
     return torch.addmm(out, csr, x, beta=0, out=out)
 
