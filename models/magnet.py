@@ -217,7 +217,7 @@ class MAGNET(GeneralRecommender):
     docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
     com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
-    fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
+    behaviour_residual, fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
     item_graph_layers, knn_k, lambda_ctr,
     lambda_r, modality_scale, moe, n_layers, router, router_grad, routing_schedule, routing_trace_every,
     seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
@@ -237,6 +237,7 @@ class MAGNET(GeneralRecommender):
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
         "cue_bpr": ("in", ("none", "cue", "behaviour")), "cue_bpr_weight": (">=", 0),
         "item_graph_layers": (">=", 0), "item_graph_image_weight": ("between", (0, 1)),
+        "behaviour_residual": (">=", 0),
         "templates": ("in", ("fixed", "free")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
         "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
@@ -328,6 +329,10 @@ class MAGNET(GeneralRecommender):
                                                          self.device)
         self.cue_target = str(cfg["user_cue_target"])
         self.cue_bpr, self.cue_bpr_weight = str(cfg["cue_bpr"]), float(cfg["cue_bpr_weight"])
+        # behaviour_residual beta > 0 (an extension, not in the paper): y_ui = Eq. 21 + beta <z_u, z_i>, the
+        # graph embeddings' dot product kept at its own weight beside the mixture of experts, as MGCN and
+        # SMORE keep their LightGCN term (issue #11: inside the experts it has an effective weight ~0.3)
+        self.behaviour_residual = float(cfg.get("behaviour_residual", 0.0) or 0.0)
         # item_graph_layers L > 0 (an extension, not in the paper): the items' behaviour representation gains
         # S^L e_i, the ID embeddings smoothed over the frozen modality kNN graph S = w S_v + (1 - w) S_t
         # (FREEDOM's item-item branch; KNN-BIN, k = knn_k, w = item_graph_image_weight)
@@ -539,7 +544,11 @@ class MAGNET(GeneralRecommender):
         else:
             pi, gates = None, torch.ones(users.numel(), 1, device=users.device)
         s = (gates.unsqueeze(-1) * s_experts).sum(1)  # Eq. 20
-        return s @ self.score_vector, pi, gates  # Eq. 21
+        y = s @ self.score_vector  # Eq. 21
+        if self.behaviour_residual:
+            z = tables["z"]
+            y = y + self.behaviour_residual * (z[users] * z[tables["n_users"] + items]).sum(-1)
+        return y, pi, gates
 
     @torch.no_grad()
     def routing_probabilities(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -669,6 +678,13 @@ class MAGNET(GeneralRecommender):
                 scores[:, lo:hi] = (gates * y_experts).sum(-1)  # Eqs. 19-21 (v^T is linear)
             else:
                 scores[:, lo:hi] = y_experts[..., 0]
+        return self._with_behaviour_residual(scores, tables, users)
+
+    def _with_behaviour_residual(self, scores: torch.Tensor, tables: dict, users: torch.Tensor) -> torch.Tensor:
+        """``behaviour_residual``: scores + beta <z_u, z_i> for every item (in place)."""
+        if self.behaviour_residual:
+            z = tables["z"]
+            scores.addmm_(z[users], z[self.n_users:].T, alpha=self.behaviour_residual)
         return scores
 
     def hadamard_ranking_inputs(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -700,7 +716,7 @@ class MAGNET(GeneralRecommender):
             hi = min(lo + chunk, users.numel())
             y = torch.bmm(parts["user_vecs"][:, lo:hi], parts["item_vecs_t"])  # Eqs. 11 + 21: [E, chunk, I]
             scores[lo:hi] = topk_softmax_mix(y, parts["user_logits"][:, lo:hi], parts["item_logits"], self.top_k)
-        return scores
+        return self._with_behaviour_residual(scores, self.cached("tables", self.encode), users)
 
     # -- reporting -------------------------------------------------------------------------------
     def epoch_stats(self) -> dict[str, float]:

@@ -542,3 +542,23 @@ def test_item_graph_layers_adds_the_knn_smoothed_item_ids(make):
         users, items = torch.tensor([0, 2]), torch.tensor([1, 4, 6])
         rows = on.encode(users, items)
         torch.testing.assert_close(rows["z"][2:], t_on["z"][n_u + items], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["hadamard", "concat_mlp"])  # the expert-plane ranking and the general path
+def test_behaviour_residual_adds_the_graph_dot_product(make, head):
+    """behaviour_residual beta (extension): y_ui = Eq. 21 + beta <z_u, z_i>, in training pairs and full ranking."""
+    off = make(dropout=0.0, expert_head=head)
+    on = make(dropout=0.0, expert_head=head, behaviour_residual=0.5)
+    on.load_state_dict(off.state_dict())
+    off.eval(), on.eval()
+    users = torch.tensor([0, 3, 5])
+    with torch.no_grad():
+        z = on.encode()["z"]
+        dots = z[users] @ z[on.n_users:].T
+        torch.testing.assert_close(on.full_sort_predict({"users": users}),
+                                   off.full_sort_predict({"users": users}) + 0.5 * dots, atol=1e-5, rtol=1e-5)
+        t = on.encode()
+        items = torch.tensor([1, 2, 7])
+        y_on = on.score_pairs(t, users, items)[0]
+        y_off = off.score_pairs(off.encode(), users, items)[0]
+        torch.testing.assert_close(y_on, y_off + 0.5 * (z[users] * z[on.n_users + items]).sum(-1), atol=1e-5, rtol=1e-5)
