@@ -88,6 +88,7 @@ def _kernels(source: Path, signatures: dict[str, list]) -> tuple | None:
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+ROW_TOPK_MAX_K = 1024  # row_topk.c's MAX_K
 
 
 def _topk_mix_function():
@@ -109,7 +110,7 @@ def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor | None:
     """Indices [rows, k] of every row's k largest scores, best first (ties: the lower index first), or
     None when the kernel cannot run here (the caller then uses ``torch.topk``)."""
     fn = _row_topk_function()
-    if fn is None or scores.device.type != "cpu" or scores.dim() != 2 or not 1 <= k <= min(scores.shape[1], 1024):
+    if fn is None or scores.device.type != "cpu" or scores.dim() != 2 or not 1 <= k <= min(scores.shape[1], ROW_TOPK_MAX_K):
         return None
     scores = scores.float().contiguous()
     out = torch.empty(scores.shape[0], k, dtype=torch.int64)
