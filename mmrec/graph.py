@@ -137,19 +137,19 @@ class _Product(NamedTuple):
 
 
 class _RowsProduct(NamedTuple):
-    """M = A[rows] with unique rows, read in place by the compiled kernels: ``times(x)`` = A[rows] x from
-    A's CSR, ``transpose_times(g)`` = A[rows]^T g from A^T's CSR and ``pos`` (pos[r] = i where rows[i] = r,
-    else -1).  No slice or transpose of the row block is built."""
+    """M = A[rows], read in place from A's CSR by the compiled kernels: ``times(x)`` = A[rows] x gathers,
+    ``transpose_times(g)`` = A[rows]^T g scatters the same entries.  No slice or transpose of the row block
+    is built."""
     csr: torch.Tensor
-    csr_t: torch.Tensor
     rows: torch.Tensor
-    pos: torch.Tensor
 
     def times(self, x: torch.Tensor) -> torch.Tensor:
         return native.csr_rows_mm(self.csr, x, self.rows)
 
-    def transpose_times(self, g: torch.Tensor) -> torch.Tensor:
-        return native.csr_masked_mm(self.csr_t, g, self.pos)
+    def transpose_times(self, g: torch.Tensor, alpha: float = 1.0, diag: float = 0.0,
+                        extra: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha A[rows]^T g, plus diag g[i] + extra[i] at row rows[i] (a readout share, in the same pass)."""
+        return native.csr_rows_t_mm(self.csr, g, self.rows, alpha, diag, extra)
 
 
 class _CsrMatmul(torch.autograd.Function):
@@ -243,14 +243,11 @@ def _slice_rows(adj: torch.Tensor, rows: torch.Tensor) -> bool:
 
 def rows_product(adj: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> _Product | _RowsProduct | None:
     """How to multiply by A[rows] (x: what it will multiply): read in place by the compiled kernels (CPU,
-    float32, unique rows), else a sliced row block while it holds at most ``ROW_BLOCK_MAX_SHARE`` of A,
+    float32; rows may repeat), else a sliced row block while it holds at most ``ROW_BLOCK_MAX_SHARE`` of A,
     else None (one full product, rows picked, costs less)."""
-    csr, csr_t = _csr_pair(adj)
+    csr = _csr_pair(adj)[0]
     if native.csr_ready(csr, x):
-        pos = torch.full((csr.shape[0],), -1, dtype=torch.int64)
-        pos[rows] = torch.arange(rows.numel())
-        if int((pos >= 0).sum()) == rows.numel():  # unique rows (a repeated row cannot have one position)
-            return _RowsProduct(csr, csr_t, rows, pos)
+        return _RowsProduct(csr, rows)
     return _Product(*row_block(adj, rows)) if _slice_rows(adj, rows) else None
 
 
@@ -347,17 +344,25 @@ class _LinearPropagation(torch.autograd.Function):
         def readout_share(buffer, w, extra=None):  # buffer[rows] += w g (+ extra)
             if not w and extra is None:
                 return buffer
+            if rows is not None and native.rows_add(buffer, rows, g, w, extra) is not None:
+                return buffer
             add = g * w if extra is None else (extra if not w else torch.add(extra, g, alpha=w))
             return buffer.add_(add) if rows is None else buffer.index_add_(0, rows, add)
 
-        if last is not None:
+        n_layers, shared = len(pairs), False  # shared: the next readout share is already in grad
+        if isinstance(last, _RowsProduct):  # A_L[rows]^T (w_L g) with H_{L-1}'s share at the same rows, one pass
+            grad = last.transpose_times(g, weights[-1], weights[-2], g_ego_rows if n_layers == 1 else None)
+            shared = True
+        elif last is not None:
             grad = last.transpose_times(g * weights[-1])  # A_L[rows]^T (w_L g): [nodes, d]
         else:
             grad = readout_share(torch.zeros(n_nodes, g.shape[1], dtype=g.dtype, device=g.device), weights[-1])
             grad = csr_mm(pairs[-1][1], grad)
-        for layer in range(len(pairs) - 2, -1, -1):  # layer's output H_{layer+1}: add its readout share, go back
-            grad = csr_mm(pairs[layer][1], readout_share(grad, weights[layer + 1]))
-        return (readout_share(grad, weights[0], g_ego_rows), None, None, None) + (None,) * len(pairs)
+        for layer in range(n_layers - 2, -1, -1):  # layer's output H_{layer+1}: add its readout share, go back
+            grad = csr_mm(pairs[layer][1], grad if shared else readout_share(grad, weights[layer + 1]))
+            shared = False
+        grad = grad if shared else readout_share(grad, weights[0], g_ego_rows)
+        return (grad, None, None, None) + (None,) * n_layers
 
 
 def propagate(adj: torch.Tensor | list[torch.Tensor], ego: torch.Tensor, n_layers: int, readout: str = "mean",

@@ -42,6 +42,16 @@ def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:
     return total / embeddings[0].shape[0]
 
 
+def emb_loss_rows(table: torch.Tensor, *indices: torch.Tensor) -> torch.Tensor:
+    """``emb_loss(table[i_1], table[i_2], ...)`` without gathering the rows: the squared Frobenius norm of
+    table[i] is sum_r count_i(r) |table_r|^2, so the gradient is one elementwise pass over ``table`` instead
+    of a scatter of every gathered row (rows repeat within a batch)."""
+    sq = table.pow(2).sum(1)
+    total = sum((torch.bincount(idx, minlength=table.shape[0]).to(sq.dtype) * sq).sum()
+                .clamp_min(torch.finfo(sq.dtype).tiny).sqrt() for idx in indices)  # (clamp: no 0 * inf at 0)
+    return total / indices[0].numel()
+
+
 def half_sq(*embeddings: torch.Tensor, batch_size: int) -> torch.Tensor:
     """0.5 * (sum of squared Frobenius norms) / the configured train batch size."""
     return 0.5 * sum(e.pow(2).sum() for e in embeddings) / batch_size

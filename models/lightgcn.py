@@ -12,7 +12,7 @@ import torch
 
 from mmrec.graph import batch_rows, propagate
 from mmrec.layers import xavier_tables
-from mmrec.losses import dot_bpr, emb_loss
+from mmrec.losses import dot_bpr, emb_loss_rows
 from mmrec.recommender import GeneralRecommender
 
 
@@ -46,7 +46,7 @@ class LightGCN(GeneralRecommender):
         u, p, n = z.index_select(0, pairs).chunk(3)
         loss = dot_bpr(u, p, n, "eps")
         # EmbLoss on the batch's layer-0 rows: the same vectors as the ID tables' rows for users/pos/neg
-        reg = emb_loss(*ego_rows.index_select(0, pairs).chunk(3))
+        reg = emb_loss_rows(ego_rows, *pairs.chunk(3))
         return {"bpr": loss, "reg": self.reg_weight * reg}
 
     def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:

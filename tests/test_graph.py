@@ -66,31 +66,61 @@ def test_spmm_matches_dense_in_value_and_gradient():
     assert torch.allclose(x.grad, dense.T @ w, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_layers", [1, 3])
 @pytest.mark.parametrize("compiled,dim", [(True, 5), (True, 70), (False, 5)])  # compiled kernels (d < and > their
 @pytest.mark.parametrize("readout", ["mean", "sum", "last"])                 # 64-float chunk), or torch's
-@pytest.mark.parametrize("rows", [None, [2, 9, 4], list(range(0, 12, 1))])  # all rows; few (row block); most
-def test_propagate_matches_dense_autograd_in_value_and_gradient(readout, rows, compiled, dim, monkeypatch):
+@pytest.mark.parametrize("rows", [None, [2, 9, 4], [2, 9, 2, 4], list(range(0, 12, 1))])  # all; few; a repeat; all listed
+def test_propagate_matches_dense_autograd_in_value_and_gradient(readout, rows, compiled, dim, n_layers, monkeypatch):
     """The one-node propagation against plain dense autograd, with a different non-symmetric matrix per
-    layer (so a missing transpose or a layer out of order shows)."""
+    layer (so a missing transpose or a layer out of order shows), and with rows a regulariser on the returned
+    ego rows (its gradient joins the readout's)."""
     if compiled and not native.csr_ready(torch.zeros(1, 1).to_sparse_csr(), torch.zeros(1, 1)):
         pytest.skip("no C compiler on this machine")
     if not compiled:
         monkeypatch.setattr(native, "csr_ready", lambda csr, x: False)
     gen = torch.Generator().manual_seed(0)
-    dense = [torch.rand(12, 12, generator=gen) * (torch.rand(12, 12, generator=gen) < 0.3) for _ in range(3)]
+    dense = [torch.rand(12, 12, generator=gen) * (torch.rand(12, 12, generator=gen) < 0.3) for _ in range(n_layers)]
     rows = None if rows is None else torch.tensor(rows)
     weight = torch.randn(12 if rows is None else len(rows), dim, generator=gen)
+    reg_weight = torch.randn(weight.shape, generator=gen)
     ego = torch.randn(12, dim, generator=gen)
     ref_ego = ego.clone().requires_grad_()
     layers, h = [ref_ego], ref_ego
     for a in dense:
         h = a @ h
         layers.append(h)
-    ref = {"mean": sum(layers) / 4, "sum": sum(layers), "last": layers[-1]}[readout]
+    ref = {"mean": sum(layers) / (n_layers + 1), "sum": sum(layers), "last": layers[-1]}[readout]
     ref = ref if rows is None else ref[rows]
-    (ref * weight).sum().backward()
+    ((ref * weight).sum() + (0 if rows is None else (ref_ego[rows] * reg_weight).sum())).backward()
     got_ego = ego.clone().requires_grad_()
-    got = graph.propagate([a.to_sparse() for a in dense], got_ego, 3, readout, rows=rows)
-    (got * weight).sum().backward()
+    mats = [a.to_sparse() for a in dense]
+    if rows is None:
+        got = graph.propagate(mats, got_ego, n_layers, readout)
+        (got * weight).sum().backward()
+    else:
+        got, ego_rows = graph.propagate(mats, got_ego, n_layers, readout, rows=rows, return_ego_rows=True)
+        ((got * weight).sum() + (ego_rows * reg_weight).sum()).backward()
     torch.testing.assert_close(got, ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_ego.grad, ref_ego.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("dim", [5, 33, 70, 130])  # below, across and above the 16-float thread slices / 64-float chunks
+def test_compiled_row_block_products_match_dense(threads, dim):
+    """A[rows] x (gather) and A[rows]^T g (scatter into A's columns), rows repeating and unsorted, against
+    dense products, at thread counts that split the columns differently."""
+    if not native.csr_ready(torch.zeros(1, 1).to_sparse_csr(), torch.zeros(1, 1)):
+        pytest.skip("no C compiler on this machine")
+    gen = torch.Generator().manual_seed(1)
+    dense = torch.rand(9, 14, generator=gen) * (torch.rand(9, 14, generator=gen) < 0.4)  # not square
+    csr = dense.to_sparse_csr()
+    rows = torch.tensor([7, 0, 3, 7, 8])
+    x, g = torch.randn(14, dim, generator=gen), torch.randn(rows.numel(), dim, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gathered, scattered = native.csr_rows_mm(csr, x, rows), native.csr_rows_t_mm(csr, g, rows)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(gathered, dense[rows] @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scattered, dense[rows].T @ g, atol=1e-5, rtol=1e-5)

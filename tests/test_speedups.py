@@ -252,3 +252,22 @@ def test_lightgcn_batch_rows_loss_and_gradients_equal_the_full_forward(tiny):
     torch.testing.assert_close(fast, full)
     for got, param in zip(grads, (model.user_embedding.weight, model.item_embedding.weight)):
         torch.testing.assert_close(got, param.grad)
+
+
+def test_emb_loss_rows_equals_emb_loss_of_the_gathered_rows():
+    """Value and gradient against MMRec's EmbLoss on gathered rows (rows repeating), and no NaN gradient
+    when every selected row is zero."""
+    from mmrec.losses import emb_loss, emb_loss_rows
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(9, 4, generator=gen)
+    groups = [torch.tensor([0, 3, 3, 5]), torch.tensor([6, 6, 6, 1]), torch.tensor([2, 8, 7, 0])]
+    ref_t, got_t = table.clone().requires_grad_(), table.clone().requires_grad_()
+    ref = emb_loss(*(ref_t[idx] for idx in groups))
+    got = emb_loss_rows(got_t, *groups)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_t.grad, ref_t.grad)
+    zero = torch.zeros(9, 4, requires_grad=True)
+    emb_loss_rows(zero, *groups).backward()
+    assert torch.isfinite(zero.grad).all()

@@ -7,7 +7,7 @@ per source, compiler and processor, so a shared folder never serves a build made
 
 - ``topk_mix`` (``topk_mix.c``): MAGNET's Top-K softmax mixing of expert scores in full ranking, the
   compiled form of ``models.magnet.topk_softmax_mix``.
-- ``csr_rows_mm`` / ``csr_masked_mm`` (``csr_mm.c``): a CSR matrix times a dense one for graph propagation
+- ``csr_rows_mm`` / ``csr_rows_t_mm`` / ``rows_add`` (``csr_mm.c``): a CSR matrix times a dense one for graph propagation
   (all rows, or a batch's rows of A and the transpose of that row block, without slicing A).
 - ``row_topk`` (``row_topk.c``): the top-k items of every row of a score block in evaluation, the compiled
   form of ``torch.topk(scores, k, dim=1).indices`` (~4x faster on one thread at 7,050 items, k = 20).
@@ -87,7 +87,7 @@ def _kernels(source: Path, signatures: dict[str, list]) -> tuple | None:
     return _loaded[key]
 
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 ROW_TOPK_MAX_K = 1024  # row_topk.c's MAX_K
 
 
@@ -102,8 +102,9 @@ def _row_topk_function():
 
 
 def _csr_functions():
-    signature = [_P] * 4 + [_I, _P, _I, _P, _I]
-    return _kernels(_CSR_MM_SOURCE, {"csr_rows_mm": signature, "csr_masked_mm": signature})
+    return _kernels(_CSR_MM_SOURCE, {"csr_rows_mm": [_P] * 4 + [_I, _P, _I, _P, _I],
+                                     "csr_rows_t_mm": [_P] * 4 + [_I, _P, _I, _I, _D, _D, _P, _P, _I],
+                                     "rows_add": [_P, _I, _P, _I, _P, _D, _P, _I]})
 
 
 def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -140,16 +141,34 @@ def csr_rows_mm(csr: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = 
     return out
 
 
-def csr_masked_mm(csr_t: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-    """``A[rows]^T g`` from ``csr_t`` = A^T and ``pos`` (pos[r] = i where rows[i] = r, else -1), or None
-    when the kernel cannot run here."""
-    if not csr_ready(csr_t, g):
+def csr_rows_t_mm(csr: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0, diag: float = 0.0,
+                  extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``alpha A[rows]^T g``, plus ``diag g[i] + extra[i]`` added at output row ``rows[i]`` ([A's columns, d]),
+    read from A's own CSR (only the listed rows' entries; rows may repeat), or None when the kernel cannot
+    run here."""
+    if not csr_ready(csr, g):
         return None
-    g, pos = g.contiguous(), pos.to(torch.int64).contiguous()
-    out = torch.empty(csr_t.shape[0], g.shape[1])
-    crow, col, val = csr_t.crow_indices(), csr_t.col_indices(), csr_t.values()
-    _csr_functions()[1](crow.data_ptr(), col.data_ptr(), val.data_ptr(), g.data_ptr(), g.shape[1], pos.data_ptr(),
-                        csr_t.shape[0], out.data_ptr(), torch.get_num_threads())
+    g, rows = g.contiguous(), rows.to(torch.int64).contiguous()
+    extra = None if extra is None else extra.float().contiguous()
+    out = torch.empty(csr.shape[1], g.shape[1])
+    crow, col, val = csr.crow_indices(), csr.col_indices(), csr.values()
+    _csr_functions()[1](crow.data_ptr(), col.data_ptr(), val.data_ptr(), g.data_ptr(), g.shape[1], rows.data_ptr(),
+                        rows.numel(), csr.shape[1], float(alpha), float(diag),
+                        None if extra is None else extra.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rows_add(out: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, diag: float,
+             extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``out[rows[i]] += diag g[i] + extra[i]`` in place (rows may repeat); returns out, or None when the
+    kernel cannot run here (out untouched)."""
+    if not (out.device.type == "cpu" and out.dtype == g.dtype == torch.float32 and out.is_contiguous()
+            and out.dim() == 2 and _csr_functions() is not None):
+        return None
+    g, rows = g.contiguous(), rows.to(torch.int64).contiguous()
+    extra = None if extra is None else extra.float().contiguous()
+    _csr_functions()[2](out.data_ptr(), out.shape[1], rows.data_ptr(), rows.numel(), g.data_ptr(), float(diag),
+                        None if extra is None else extra.data_ptr(), torch.get_num_threads())
     return out
 
 
