@@ -39,6 +39,8 @@ Reference quirks (BASELINES.md section 11; docs/baselines.md):
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,8 @@ from torch import nn
 from mmrec.graph import spmm
 from mmrec.losses import dot_bpr, info_nce_blocked, mean_var_alignment, simgcl_perturb
 from mmrec.recommender import GeneralRecommender
+
+log = logging.getLogger("mmrec." + __name__)
 
 NOISE_EPS = 0.1  # SimGCL magnitude, hard-coded in the reference
 
@@ -71,6 +75,10 @@ class ModalityGCN(nn.Module):
         return x + h1 + h2
 
 
+# above this many InfoNCE logits per training step on a CPU, warn at the start (~1e9: seconds per step)
+CPU_NCE_WARN_LOGITS = 1e9
+
+
 class MENTOR(GeneralRecommender):
     """Multi-level self-supervision: modality graphs, feature masking and alignment between ID and modality
     views. Paper and equations: this module's docstring. Keys it reads (configs/model/MENTOR.yaml):
@@ -90,6 +98,7 @@ class MENTOR(GeneralRecommender):
         self.temp = float(config["temp"])
         self.nce_block_size = int(config["nce_block_size"])
         self.predict_fresh_forward = bool(config["predict_fresh_forward"])
+        self._warn_all_node_nce_cost()
 
         self.adj = self.norm_adj("sym")  # PyG-style sum aggregation with 1/sqrt(d_i d_j), no self loops
         k, w = int(config["knn_k"]), float(config["mm_image_weight"])
@@ -109,6 +118,18 @@ class MENTOR(GeneralRecommender):
         self.weight_u = nn.Parameter(torch.softmax(nn.init.xavier_normal_(torch.empty(self.n_users, 2)), dim=1))
         self.mask_mlp = nn.Linear(2 * d, 2 * d)  # used only inside the no-grad mask_f term
         self._last_batch_scoring: torch.Tensor | None = None
+
+    def _warn_all_node_nce_cost(self) -> None:
+        """The graph-level InfoNCE (the reference's objective) contrasts every user with every user and every
+        item with every item in each training step: U^2 + I^2 logits, exact and memory-bounded in blocks but
+        not cheap.  Say so at the start when a CPU run will take minutes per step (Electronics: ~4e10)."""
+        n_logits = float(self.n_users) ** 2 + float(self.n_items) ** 2
+        if self.mask_weight_g > 0 and self.device.type == "cpu" and n_logits > CPU_NCE_WARN_LOGITS:
+            log.warning("MENTOR: the graph-level InfoNCE scores %.2g logits per training step here (every user "
+                        "against every user, every item against every item: %d users, %d items); on a CPU that "
+                        "is minutes per step (docs/benchmarks.md, Electronics scale). Use a GPU, or accept "
+                        "the time; mask_weight_g: 0 drops the term (no longer the reference's objective).",
+                        n_logits, self.n_users, self.n_items)
 
     # -- forward --------------------------------------------------------------------------------
     def _item_graph(self, items: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,23 @@ def test_blocked_infonce_equals_the_plain_form_under_a_logit_budget(monkeypatch)
         torch.testing.assert_close(got_a.grad, ref_a.grad, atol=1e-6, rtol=1e-5)
         assert max(blocks) == min(block_size, budget // 37) and sum(blocks) == 37
         blocks.clear()
+
+
+def test_start_warns_when_the_all_node_infonce_is_large_on_cpu(tmp_path, monkeypatch, caplog):
+    """The U^2 + I^2 logits of the graph-level InfoNCE are announced at the start above the threshold (a
+    tiny threshold here stands in for Electronics' 4e10), with the users and items; not when the term is off."""
+    import logging
+
+    import models.mentor as mentor
+    monkeypatch.setattr(mentor, "CPU_NCE_WARN_LOGITS", 10)
+    config, dataset = tiny_setup(tmp_path, "MENTOR")
+    with caplog.at_level(logging.WARNING, logger="mmrec.models.mentor"):
+        model = MENTOR(config, dataset)
+    expected = float(model.n_users) ** 2 + float(model.n_items) ** 2
+    messages = [r.getMessage() for r in caplog.records if "logits per training step" in r.getMessage()]
+    assert len(messages) == 1 and f"{expected:.2g} logits" in messages[0] and f"{model.n_users} users" in messages[0]
+    caplog.clear()
+    config, dataset = tiny_setup(tmp_path / "off", "MENTOR", overrides={"mask_weight_g": 0.0})
+    with caplog.at_level(logging.WARNING, logger="mmrec.models.mentor"):
+        MENTOR(config, dataset)
+    assert not [r for r in caplog.records if "logits per training step" in r.getMessage()]
