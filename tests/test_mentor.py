@@ -134,6 +134,7 @@ def test_start_warns_when_the_all_node_infonce_is_large_on_cpu(tmp_path, monkeyp
 
     import models.mentor as mentor
     monkeypatch.setattr(mentor, "CPU_NCE_WARN_LOGITS", 10)
+    monkeypatch.setattr(logging.getLogger("mmrec"), "propagate", True)  # a run's log setup (quick_start) stops it
     config, dataset = tiny_setup(tmp_path, "MENTOR")
     with caplog.at_level(logging.WARNING, logger="mmrec.models.mentor"):
         model = MENTOR(config, dataset)

@@ -98,6 +98,34 @@ def test_evaluate_blocks_give_same_result():
         assert a[k] == pytest.approx(b[k])
 
 
+def test_cpu_score_blocks_stay_under_the_byte_cap(monkeypatch):
+    """On CPU a block of scores holds at most CPU_SCORE_BLOCK_BYTES (Baby: 1,189 of 2,048 users at 7,050
+    items); other devices keep eval_batch_size; and a capped pass scores like one block."""
+    from mmrec import evaluation
+    assert evaluation.block_users(2048, 7050, "cpu") == (32 << 20) // (4 * 7050) == 1189
+    assert evaluation.block_users(2048, 100, "cpu") == 2048
+    assert evaluation.block_users(2048, 10**9, "cpu") == 1
+    assert evaluation.block_users(2048, 7050, "cuda") == 2048
+    seen = []
+
+    class Recording(_FixedScores):
+        def full_sort_predict(self, interaction):
+            seen.append(len(interaction["users"]))
+            return super().full_sort_predict(interaction)
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(12, 30))
+    train = _csr(np.arange(12), rng.integers(0, 30, 12), (12, 30))
+    test = _csr(np.arange(12), (rng.integers(1, 29, 12) + train.indices) % 30, (12, 30))
+    ds = _DS(train, test, test)
+    whole = evaluate(Recording(scores), ds, "test", [5])["metrics"]
+    monkeypatch.setattr(evaluation, "CPU_SCORE_BLOCK_BYTES", 4 * 30 * 5)  # 5 users of 30 items per block
+    seen.clear()
+    capped = evaluate(Recording(scores), ds, "test", [5])["metrics"]
+    assert seen == [5, 5, 2]
+    assert capped == pytest.approx(whole)
+
+
 def _hard_rows(n_items: int, seed: int = 0) -> torch.Tensor:
     """Score rows that break a careless top-k: ties, -inf rows (all training items), NaN, a short tail."""
     g = torch.Generator().manual_seed(seed)
