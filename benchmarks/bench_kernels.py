@@ -69,8 +69,7 @@ def main(argv=None) -> None:
     dataset = RecDataset(cfg)
     train = dataset.train_matrix.tocoo()
     n_users, n_items = dataset.n_users, dataset.n_items
-    adj = graph.to_torch_sparse(graph.norm_adjacency(dataset.train_matrix, "sym_eps"), "cpu")  # LightGCN's
-    csr, csr_t = graph._csr_pair(adj)
+    csr = graph.csr_operator(graph.norm_adjacency(dataset.train_matrix, "sym_eps"))  # LightGCN's adjacency
 
     gen = torch.Generator().manual_seed(0)
     pick = torch.randint(0, train.nnz, (args.batch,), generator=gen)
@@ -79,9 +78,8 @@ def main(argv=None) -> None:
     rows = graph.batch_rows(users, items[: args.batch], items[args.batch:]).node_rows(n_users)
     x = torch.randn(csr.shape[1], args.dim, generator=gen)
     g = torch.randn(rows.numel(), args.dim, generator=gen)
-    block = graph.to_torch_sparse(graph.scipy_csr(csr)[rows.numpy()], "cpu").to_sparse_csr()
-    block_t = graph.to_torch_sparse(graph.scipy_csr(csr)[rows.numpy()].T.tocsr(), "cpu").to_sparse_csr()
-    in_place = graph.rows_product(adj, rows, x)
+    block, block_t = graph.row_block(csr, rows)  # what torch's path slices for a batch
+    in_place = graph.rows_product(csr, rows, x)
 
     cases = [("full", lambda: native.csr_rows_mm(csr, x), lambda: torch_product(csr, x)),
              ("rows", lambda: in_place.times(x), lambda: torch_product(block, x)),
