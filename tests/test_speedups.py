@@ -212,6 +212,18 @@ def test_compiled_topk_mix_equals_the_torch_path(k):
                                atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not __import__("mmrec.native").native.available(), reason="no C compiler on this machine")
+def test_compiled_topk_mix_keeps_exactly_k_experts_at_a_tie_lower_index_first():
+    e = 9
+    logit = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # experts 1-3 tie at the 2nd place
+    a, b = torch.zeros(e, 1), logit.view(e, 1).repeat(1, 200)  # 200 items: ties in every lane of a tile
+    y = torch.arange(e, dtype=torch.float32).view(e, 1, 1).repeat(1, 1, 200)
+    w = torch.softmax(torch.tensor([3.0, 2.0]), 0)
+    torch.testing.assert_close(topk_softmax_mix(y, a, b, 2), torch.full((1, 200), float(w[1])))  # 0 and 1 kept
+    w3 = torch.softmax(torch.tensor([3.0, 2.0, 2.0]), 0)
+    torch.testing.assert_close(topk_softmax_mix(y, a, b, 3), torch.full((1, 200), float(w3[1] + 2 * w3[2])))
+
+
 def test_resume_after_early_stopping_only_scores_test(tmp_path):
     """Killed between the stopping epoch's checkpoint and the final test pass: resuming trains nothing
     more and reports the same result."""

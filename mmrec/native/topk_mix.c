@@ -9,7 +9,10 @@
  * ea = exp(a - max_e a[:, u]) and eb = exp(b - max_e b[:, i]), so w_e = exp(l_e - const(u, i)): the
  * softmax over the kept logits with no exp per pair; where those products underflow, the pair is redone
  * with exp(l_e - max l).  Items are processed in tiles of TILE with the inner loops running across items,
- * so the compiler vectorises every step (selection, weights, mixing). */
+ * so the compiler vectorises every step: the k-th largest logit of each pair by a running top-k (one
+ * max/min exchange per slot and expert), then one pass that keeps l_e >= that threshold and mixes.  A pair
+ * where ties at the threshold keep more than k experts, or whose weights underflowed, is redone exactly:
+ * k rounds of "the largest not yet kept, the lower index first", weights exp(l_e - max l). */
 #include <math.h>
 #include <float.h>
 #include <stdint.h>
@@ -17,66 +20,68 @@
 #define TILE 128
 #define MAX_EXPERTS 32
 
+/* One pair done exactly: logit_col[e * stride] and y_col[e * y_stride] for e < n_exp. */
+static float exact_pair(const float *logit_col, int64_t stride, const float *y_col, int64_t y_stride,
+                        int64_t n_exp, int64_t k) {
+    int kept[MAX_EXPERTS] = {0};
+    float top = -INFINITY;
+    for (int64_t j = 0; j < k; ++j) {
+        int64_t best_at = -1;
+        for (int64_t e = 0; e < n_exp; ++e)
+            if (!kept[e] && (best_at < 0 || logit_col[e * stride] > logit_col[best_at * stride])) best_at = e;
+        kept[best_at] = 1;
+        if (logit_col[best_at * stride] > top) top = logit_col[best_at * stride];
+    }
+    float s = 0.0f, w_sum = 0.0f;
+    for (int64_t e = 0; e < n_exp; ++e)
+        if (kept[e]) {
+            const float w = expf(logit_col[e * stride] - top);
+            s += w * y_col[e * y_stride];
+            w_sum += w;
+        }
+    return s / w_sum;
+}
+
 int topk_mix(const float *y, const float *a, const float *b, const float *ea, const float *eb, float *out,
              int64_t n_users, int64_t n_items, int64_t n_exp, int64_t k, int64_t n_threads) {
     if (n_exp > MAX_EXPERTS || k < 1 || k > n_exp) return 1;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t u = 0; u < n_users; ++u) {
-        float logit[MAX_EXPERTS][TILE], kept[MAX_EXPERTS][TILE];
-        float best[TILE], best_at[TILE], num[TILE], den[TILE];
+        float logit[MAX_EXPERTS][TILE], top[MAX_EXPERTS][TILE];
+        float carry[TILE], num[TILE], den[TILE], count[TILE];
         for (int64_t i0 = 0; i0 < n_items; i0 += TILE) {
             const int64_t n = n_items - i0 < TILE ? n_items - i0 : TILE;
-            for (int64_t e = 0; e < n_exp; ++e) {
+            for (int64_t j = 0; j < k; ++j)
+                for (int64_t t = 0; t < n; ++t) top[j][t] = -INFINITY;
+            for (int64_t e = 0; e < n_exp; ++e) {  /* running top-k: top[0] >= top[1] >= ... >= top[k-1] */
                 const float ae = a[e * n_users + u];
                 const float *be = b + e * n_items + i0;
-                for (int64_t t = 0; t < n; ++t) {
-                    logit[e][t] = ae + be[t];
-                    kept[e][t] = 0.0f;
-                }
-            }
-            for (int64_t j = 0; j < k; ++j) {  /* k rounds: mark the largest logit not yet kept */
-                for (int64_t t = 0; t < n; ++t) {
-                    best[t] = -INFINITY;
-                    best_at[t] = 0.0f;
-                }
-                for (int64_t e = 0; e < n_exp; ++e) {
-                    const float fe = (float)e;
+                for (int64_t t = 0; t < n; ++t) carry[t] = logit[e][t] = ae + be[t];
+                for (int64_t j = 0; j < k; ++j)
                     for (int64_t t = 0; t < n; ++t) {  /* branch-free, so it vectorises across items */
-                        const float candidate = kept[e][t] == 0.0f ? logit[e][t] : -INFINITY;
-                        best_at[t] = candidate > best[t] ? fe : best_at[t];
-                        best[t] = candidate > best[t] ? candidate : best[t];
+                        const float held = top[j][t], x = carry[t];
+                        top[j][t] = x > held ? x : held;
+                        carry[t] = x > held ? held : x;
                     }
-                }
-                for (int64_t e = 0; e < n_exp; ++e)
-                    for (int64_t t = 0; t < n; ++t) kept[e][t] = best_at[t] == (float)e ? 1.0f : kept[e][t];
             }
-            for (int64_t t = 0; t < n; ++t) num[t] = den[t] = 0.0f;
+            const float *threshold = top[k - 1];
+            for (int64_t t = 0; t < n; ++t) num[t] = den[t] = count[t] = 0.0f;
             for (int64_t e = 0; e < n_exp; ++e) {
                 const float eae = ea[e * n_users + u];
                 const float *ebe = eb + e * n_items + i0, *ye = y + (e * n_users + u) * n_items + i0;
                 for (int64_t t = 0; t < n; ++t) {
-                    const float w = kept[e][t] * (eae * ebe[t]);
+                    const float keep = logit[e][t] >= threshold[t] ? 1.0f : 0.0f;
+                    const float w = keep * (eae * ebe[t]);
                     num[t] += w * ye[t];
                     den[t] += w;
+                    count[t] += keep;
                 }
             }
             float *row = out + u * n_items + i0;
-            for (int64_t t = 0; t < n; ++t) {
-                if (den[t] > FLT_MIN) {
-                    row[t] = num[t] / den[t];
-                } else {  /* the shifted exps underflowed: the kept logits' own softmax */
-                    float top = -INFINITY, s = 0.0f, w_sum = 0.0f;
-                    for (int64_t e = 0; e < n_exp; ++e)
-                        if (kept[e][t] != 0.0f && logit[e][t] > top) top = logit[e][t];
-                    for (int64_t e = 0; e < n_exp; ++e)
-                        if (kept[e][t] != 0.0f) {
-                            const float w = expf(logit[e][t] - top);
-                            s += w * y[(e * n_users + u) * n_items + i0 + t];
-                            w_sum += w;
-                        }
-                    row[t] = s / w_sum;
-                }
-            }
+            for (int64_t t = 0; t < n; ++t)
+                row[t] = count[t] == (float)k && den[t] > FLT_MIN
+                             ? num[t] / den[t]
+                             : exact_pair(&logit[0][t], TILE, y + u * n_items + i0 + t, n_users * n_items, n_exp, k);
         }
     }
     return 0;
