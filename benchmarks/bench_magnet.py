@@ -182,15 +182,14 @@ def magnet_eval_phases(model, ds, block: int) -> dict:
         forward = _timed(model.encode)[0]
         users = torch.arange(min(block, ds.n_users))
         parts = model.hadamard_ranking_inputs(users)
-        chunk = model.ranking_chunk()
         heads = gates = 0.0
         scores = torch.empty(users.numel(), model.n_items)
-        for lo in range(0, users.numel(), chunk):
-            hi = min(lo + chunk, users.numel())
+        for rows, at, item_vecs_t, item_logits in model.ranking_blocks(parts):
             t0 = time.perf_counter()
-            y = torch.bmm(parts["user_vecs"][:, lo:hi], parts["item_vecs_t"])
+            y = torch.bmm(parts["user_vecs"][:, rows], item_vecs_t)
             t1 = time.perf_counter()
-            scores[lo:hi] = topk_softmax_mix(y, parts["user_logits"][:, lo:hi], parts["item_logits"], model.top_k)
+            scores[rows, at:at + item_logits.shape[1]] = topk_softmax_mix(y, parts["user_logits"][:, rows], item_logits,
+                                                                          model.top_k)
             heads, gates = heads + t1 - t0, gates + time.perf_counter() - t1
         train = ds.train_matrix.tocsr()[users.numpy()].tocoo()
 

@@ -215,7 +215,7 @@ class MAGNET(GeneralRecommender):
     """Dual-view graphs (observed and content-induced edges), triplet-template mixture of graph experts over
     graph/image/text channels, and entropy-triggered progressive routing. Paper and equations: this module's
     docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
-    com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
+    com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_form, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     behaviour_residual, fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
     item_graph_layers, knn_k, lambda_ctr,
@@ -227,6 +227,9 @@ class MAGNET(GeneralRecommender):
     renamed_parameters = {**GeneralRecommender.renamed_parameters, "ctl_": "controller."}
     #: elements of one [users x items x experts (x hidden)] scoring block in full ranking
     score_block_budget = 1 << 22
+    #: full ranking on CPU in blocks of RANKING_USERS x RANKING_ITEMS pairs: a block's expert scores
+    #: [E, users, items] (~2.4 MB at E = 9) stay in cache between the product and the mixing kernel
+    RANKING_USERS, RANKING_ITEMS = 128, 512
     #: every key's allowed values, in one place (checked before any data is loaded; docs/magnet.md)
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
@@ -234,6 +237,7 @@ class MAGNET(GeneralRecommender):
         "induced_edge_scale": (">", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
+        "cue_form": ("in", ("projection", "purified_knn")),
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
         "cue_bpr": ("in", ("none", "cue", "behaviour")), "cue_bpr_weight": (">=", 0),
         "item_graph_layers": (">=", 0), "item_graph_image_weight": ("between", (0, 1)),
@@ -322,6 +326,14 @@ class MAGNET(GeneralRecommender):
         if self.cue_init == "pca":  # f_m starts as the projection on the top-d principal directions of its input
             for proj, feats in ((self.image_proj, self.v_feat), (self.text_proj, self.t_feat)):
                 principal_projection_(proj, feats)
+        # cue_form (f_m's form, left open by the paper): projection = Eq. 7 as written, h^m_i = f_m(x^m_i);
+        # purified_knn = h^m_i = sum_j S^m_ij (e_j * sigmoid(f_m(x^m_j))): the item's ID embedding gated by its
+        # content and smoothed over the modality's kNN graph S^m (KNN-SIM, k = knn_k, the item among its own
+        # neighbours): MGCN's purifier and item-item view, the content use of the strongest baselines
+        self.cue_form = str(cfg.get("cue_form", "projection"))
+        if self.cue_form == "purified_knn":
+            k = int(cfg["knn_k"])
+            self.cue_graphs = {m: self.item_knn(m, k, "sim") for m in ("v", "t")}
         coo = self.train_matrix.tocoo()
         deg = np.asarray(self.train_matrix.sum(axis=1)).ravel()
         vals = 1.0 / np.maximum(deg[coo.row], 1.0)
@@ -480,8 +492,8 @@ class MAGNET(GeneralRecommender):
             smoothed = graph.propagate(self.item_graph, self.item_embedding.weight, self.item_graph_layers, "last",
                                        rows=items)
             out["z"] = torch.cat([out["z"][:n_u], out["z"][n_u:] + smoothed])
-        h_item_a, h_user_a = self._cues(self.image_proj, self.v_feat, users, items)  # Eqs. 7-8
-        h_item_s, h_user_s = self._cues(self.text_proj, self.t_feat, users, items)
+        h_item_a, h_user_a = self._cues(self.image_proj, self.v_feat, users, items, "v")  # Eqs. 7-8
+        h_item_s, h_user_s = self._cues(self.text_proj, self.t_feat, users, items, "t")
         z, n_u = out["z"], out["n_users"]
         # router input q = [z_u; z_i] (Eq. 16); `router_grad: detach` stops the routing path's gradient into z
         out["z_router"] = z.detach() if self.router_grad == "detach" else z
@@ -502,9 +514,15 @@ class MAGNET(GeneralRecommender):
         rho = reps.detach().pow(2).sum(-1).mean(0).sqrt()  # [3]
         return (rho[0] / rho.clamp_min(1e-12)).view(1, 3, 1)
 
-    def _cues(self, proj: nn.Linear, feats: torch.Tensor, users, items) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cues(self, proj: nn.Linear, feats: torch.Tensor, users, items, modality: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h^m of the items, h^m of the users): Eq. 7 and Eq. 8's mean over each user's training items.
         For a batch: h_u = W (mean_{i in I_u} x_i) + b, exact because f_m is linear."""
+        if self.cue_form == "purified_knn":  # h^m = S^m (E_items * sigmoid(f_m(X^m))), users: Eq. 8
+            h_items = graph.spmm(self.cue_graphs[modality], self.item_embedding.weight * torch.sigmoid(proj(feats)))
+            if users is None:
+                return h_items, graph.spmm(self.user_history_mean, h_items)
+            return h_items[items], graph.spmm(self.user_history_mean, h_items, rows=users)
         if users is None:
             h_items = proj(feats)
             return h_items, graph.spmm(self.user_history_mean, h_items)
@@ -702,20 +720,32 @@ class MAGNET(GeneralRecommender):
                 "item_logits": self.cached("item_logits", lambda: self.router.item_half(z[self.n_users:]).T
                                            .contiguous())}
 
-    def ranking_chunk(self) -> int:
-        """Users per batched product in ``_rank_hadamard``: [E, chunk, I] stays under score_block_budget."""
-        return max(1, self.score_block_budget // max(self.n_experts * self.n_items, 1))
+    def ranking_blocks(self, parts: dict[str, torch.Tensor]):
+        """The blocks of full ranking over ``hadamard_ranking_inputs``' parts: (user slice, first item, the
+        items' vectors [E, d, tile], their router logits [E, tile]).  On a GPU a user chunk against every
+        item ([E, chunk, I] under score_block_budget); on CPU cache-sized tiles of RANKING_USERS x
+        RANKING_ITEMS (the item parts split once per evaluation pass)."""
+        n_users = parts["user_vecs"].shape[1]
+        if parts["user_vecs"].device.type == "cpu":
+            chunk, step = self.RANKING_USERS, self.RANKING_ITEMS
+        else:
+            chunk, step = max(1, self.score_block_budget // max(self.n_experts * self.n_items, 1)), self.n_items
+        tiles = self.cached(f"item_tiles_{step}", lambda: [
+            (lo, parts["item_vecs_t"][:, :, lo:lo + step].contiguous(), parts["item_logits"][:, lo:lo + step].contiguous())
+            for lo in range(0, self.n_items, step)])
+        for lo in range(0, n_users, chunk):
+            for at, item_vecs_t, item_logits in tiles:
+                yield slice(lo, min(lo + chunk, n_users)), at, item_vecs_t, item_logits
 
     def _rank_hadamard(self, users: torch.Tensor) -> torch.Tensor:
         """Full ranking for the default head and router, in expert planes: y_e = <(W_e x_u) * v, x_i> as one
-        batched product per user chunk, gates by ``topk_softmax_mix``; the same scores as the general path."""
+        batched product per block, gates by ``topk_softmax_mix``; the same scores as the general path."""
         parts = self.hadamard_ranking_inputs(users)
-        chunk = self.ranking_chunk()
         scores = torch.empty(users.numel(), self.n_items, device=users.device)
-        for lo in range(0, users.numel(), chunk):
-            hi = min(lo + chunk, users.numel())
-            y = torch.bmm(parts["user_vecs"][:, lo:hi], parts["item_vecs_t"])  # Eqs. 11 + 21: [E, chunk, I]
-            scores[lo:hi] = topk_softmax_mix(y, parts["user_logits"][:, lo:hi], parts["item_logits"], self.top_k)
+        for rows, at, item_vecs_t, item_logits in self.ranking_blocks(parts):
+            y = torch.bmm(parts["user_vecs"][:, rows], item_vecs_t)  # Eqs. 11 + 21: [E, users, items]
+            scores[rows, at:at + item_logits.shape[1]] = topk_softmax_mix(y, parts["user_logits"][:, rows],
+                                                                           item_logits, self.top_k)
         return self._with_behaviour_residual(scores, self.cached("tables", self.encode), users)
 
     # -- reporting -------------------------------------------------------------------------------

@@ -223,6 +223,7 @@ def test_full_sort_equals_pairwise(make, variant):
     m = make(**variant)
     m.eval()
     m.score_block_budget = 7 * m.n_experts * 8  # force several item blocks
+    m.RANKING_USERS, m.RANKING_ITEMS = 3, 5  # and several user x item tiles
     users = torch.tensor([0, 3, 7, 29])
     with torch.no_grad():
         m.start_evaluation()
@@ -542,6 +543,35 @@ def test_item_graph_layers_adds_the_knn_smoothed_item_ids(make):
         users, items = torch.tensor([0, 2]), torch.tensor([1, 4, 6])
         rows = on.encode(users, items)
         torch.testing.assert_close(rows["z"][2:], t_on["z"][n_u + items], atol=1e-5, rtol=1e-5)
+
+
+def test_cue_form_purified_knn_smooths_content_gated_item_ids(make):
+    """cue_form purified_knn (f_m's form): h^m_i = sum_j S^m_ij (e_j * sigmoid(f_m(x^m_j))) over the modality's
+    KNN-SIM graph (k = knn_k, self included), users by Eq. 8's history mean; a batch's rows equal the full
+    encode's, and full ranking equals pairwise scoring."""
+    from mmrec import graph
+
+    m = make(dropout=0.0, cue_form="purified_knn")
+    m.eval()
+    with torch.no_grad():
+        t = m.encode()
+        s_v = torch.from_numpy(graph.knn_graph(m.dataset, "v", 3, "sim", True).toarray()).float()
+        gated = m.item_embedding.weight * torch.sigmoid(m.v_feat @ m.image_proj.weight.T)
+        h_items = s_v @ gated
+        torch.testing.assert_close(t["r_item"][:, 1], h_items, atol=1e-5, rtol=1e-5)
+        hist = m.train_matrix[4].indices
+        torch.testing.assert_close(t["r_user"][4, 1], h_items[hist].mean(0), atol=1e-5, rtol=1e-5)
+        users, items = torch.tensor([0, 2]), torch.tensor([1, 4, 6])
+        rows = m.encode(users, items)
+        torch.testing.assert_close(rows["r_item"], t["r_item"][items], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rows["r_user"], t["r_user"][users], atol=1e-5, rtol=1e-5)
+        m.start_evaluation()
+        full = m.full_sort_predict({"users": users})
+        m.end_evaluation()
+        pair, _, _ = m.score_pairs(t, users.repeat_interleave(m.n_items), torch.arange(m.n_items).repeat(2))
+    torch.testing.assert_close(full, pair.view(2, m.n_items), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cue_form"):
+        make(cue_form="mlp")
 
 
 @pytest.mark.parametrize("head", ["hadamard", "concat_mlp"])  # the expert-plane ranking and the general path
