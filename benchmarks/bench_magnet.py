@@ -105,8 +105,8 @@ def magnet_phases(model, batch: dict) -> dict:
 
     def cues():
         model.zero_grad()
-        for proj, feats in ((model.image_proj, model.v_feat), (model.text_proj, model.t_feat)):
-            h_items, h_users = model._cues(proj, feats, users, items)
+        for proj, feats, modality in ((model.image_proj, model.v_feat, "v"), (model.text_proj, model.t_feat, "t")):
+            h_items, h_users = model._cues(proj, feats, users, items, modality)
             _backward_of(torch.cat([h_items, h_users]))
     out["cues f_A, f_S (Eqs. 7-8)"] = _timed(cues, 3)[0]
     return out
@@ -181,12 +181,13 @@ def magnet_eval_phases(model, ds, block: int) -> dict:
     try:
         forward = _timed(model.encode)[0]
         users = torch.arange(min(block, ds.n_users))
-        parts = model.hadamard_ranking_inputs(users)
+        parts = model.plane_ranking_inputs(users)
         heads = gates = 0.0
         scores = torch.empty(users.numel(), model.n_items)
-        for rows, at, item_vecs_t, item_logits in model.ranking_blocks(parts):
+        for rows, at, item_parts in model.ranking_blocks(parts):
+            item_logits = item_parts["item_logits"]
             t0 = time.perf_counter()
-            y = torch.bmm(parts["user_vecs"][:, rows], item_vecs_t)
+            y = model.block_expert_scores(parts, rows, item_parts)
             t1 = time.perf_counter()
             scores[rows, at:at + item_logits.shape[1]] = topk_softmax_mix(y, parts["user_logits"][:, rows], item_logits,
                                                                           model.top_k)

@@ -677,8 +677,9 @@ class MAGNET(GeneralRecommender):
 
     def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         users = interaction["users"]
-        if self.use_moe and self.router.kind == "linear" and self.heads.kind == "hadamard":
-            return self._rank_hadamard(users)
+        if self.use_moe and self.router.kind == "linear" and (
+                not self.heads.use_mlp or (users.device.type == "cpu" and native.available())):
+            return self._rank_planes(users)
         tables = self.cached("tables", self.encode)
         w = self.expert_weights()
         x_items = self.cached("x_items", lambda: self.expert_inputs(w, tables["r_item"]))  # [I, E, d]
@@ -705,47 +706,71 @@ class MAGNET(GeneralRecommender):
             scores.addmm_(z[users], z[self.n_users:].T, alpha=self.behaviour_residual)
         return scores
 
-    def hadamard_ranking_inputs(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What full ranking with the default head and linear router multiplies: per expert the users'
-        (W_e x_u) * v [E, U, d] and the items' x_i transposed [E, d, I] (Eqs. 10-11, 21), and the router's
-        user and item logits [E, U], [E, I] (Eq. 16).  Item parts are computed once per evaluation pass."""
+    def plane_ranking_inputs(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What full ranking with a linear router multiplies, per expert (Eqs. 10-11, 16, 21): the router's
+        user and item logits [E, U], [E, I]; for a hadamard head the users' (W_e x_u) * v [E, U, d] and the
+        items' x_i transposed [E, d, I]; for a concat-MLP head the users' x_u W1_user + b1 [E, U, h], the
+        items' x_i W1_item transposed [E, h, I], W2_e v [E, h] and b2_e . v [E].  Keys starting with
+        ``item_`` hold the items on their last axis; they are computed once per evaluation pass."""
         tables = self.cached("tables", self.encode)
         w = self.expert_weights()
         z = tables["z_router"]
         xu = self.expert_inputs(w, tables["r_user"][users])
-        return {"user_vecs": torch.einsum("efd,ued->euf", self.heads.w_had, xu) * self.score_vector,
-                "item_vecs_t": self.cached("item_vecs_t", lambda: self.expert_inputs(w, tables["r_item"])
-                                           .permute(1, 2, 0).contiguous()),
-                "user_logits": self.router.user_half(z[users]).T,
-                "item_logits": self.cached("item_logits", lambda: self.router.item_half(z[self.n_users:]).T
-                                           .contiguous())}
+        x_items = self.cached("x_items", lambda: self.expert_inputs(w, tables["r_item"]))  # [I, E, d]
+        heads, v = self.heads, self.score_vector
+        parts = {"user_logits": self.router.user_half(z[users]).T,
+                 "item_logits": self.cached("item_logits", lambda: self.router.item_half(z[self.n_users:]).T
+                                            .contiguous())}
+        if heads.use_hadamard:
+            parts["user_vecs"] = torch.einsum("efd,ued->euf", heads.w_had, xu) * v
+            parts["item_vecs_t"] = self.cached("item_vecs_t", lambda: x_items.permute(1, 2, 0).contiguous())
+        if heads.use_mlp:
+            parts["user_hidden"] = torch.einsum("ued,edh->euh", xu, heads.w1_user) + heads.b1.unsqueeze(1)
+            parts["item_hidden_t"] = self.cached("item_hidden_t", lambda: torch.einsum(
+                "ied,edh->ehi", x_items, heads.w1_item).contiguous())
+            parts["out_weights"], parts["out_bias"] = torch.einsum("ehf,f->eh", heads.w2, v), heads.b2 @ v
+        return parts
 
     def ranking_blocks(self, parts: dict[str, torch.Tensor]):
-        """The blocks of full ranking over ``hadamard_ranking_inputs``' parts: (user slice, first item, the
-        items' vectors [E, d, tile], their router logits [E, tile]).  On a GPU a user chunk against every
-        item ([E, chunk, I] under score_block_budget); on CPU cache-sized tiles of RANKING_USERS x
-        RANKING_ITEMS (the item parts split once per evaluation pass)."""
-        n_users = parts["user_vecs"].shape[1]
-        if parts["user_vecs"].device.type == "cpu":
+        """The blocks of full ranking over ``plane_ranking_inputs``' parts: (user slice, first item, the
+        item parts of the block's items).  On a GPU a user chunk against every item ([E, chunk, I] under
+        score_block_budget); on CPU cache-sized tiles of RANKING_USERS x RANKING_ITEMS (the item parts
+        split once per evaluation pass)."""
+        n_users = parts["user_logits"].shape[1]
+        if parts["user_logits"].device.type == "cpu":
             chunk, step = self.RANKING_USERS, self.RANKING_ITEMS
         else:
             chunk, step = max(1, self.score_block_budget // max(self.n_experts * self.n_items, 1)), self.n_items
         tiles = self.cached(f"item_tiles_{step}", lambda: [
-            (lo, parts["item_vecs_t"][:, :, lo:lo + step].contiguous(), parts["item_logits"][:, lo:lo + step].contiguous())
+            (lo, {key: part[..., lo:lo + step].contiguous() for key, part in parts.items() if key.startswith("item_")})
             for lo in range(0, self.n_items, step)])
         for lo in range(0, n_users, chunk):
-            for at, item_vecs_t, item_logits in tiles:
-                yield slice(lo, min(lo + chunk, n_users)), at, item_vecs_t, item_logits
+            for at, item_parts in tiles:
+                yield slice(lo, min(lo + chunk, n_users)), at, item_parts
 
-    def _rank_hadamard(self, users: torch.Tensor) -> torch.Tensor:
-        """Full ranking for the default head and router, in expert planes: y_e = <(W_e x_u) * v, x_i> as one
-        batched product per block, gates by ``topk_softmax_mix``; the same scores as the general path."""
-        parts = self.hadamard_ranking_inputs(users)
+    @staticmethod
+    def block_expert_scores(parts: dict[str, torch.Tensor], rows: slice, item_parts: dict[str, torch.Tensor]
+                            ) -> torch.Tensor:
+        """v^T s^(e) for a block of users x items [E, users, items] (Eqs. 11 + 21) from the plane parts."""
+        y = None
+        if "user_vecs" in parts:  # hadamard: y_e = <(W_e x_u) * v, x_i>, one batched product
+            y = torch.bmm(parts["user_vecs"][:, rows], item_parts["item_vecs_t"])
+        if "user_hidden" in parts:  # concat MLP: sum_h (W2_e v)_h relu(.)_h + b2_e . v, compiled
+            mlp = native.relu_head_scores(parts["user_hidden"][:, rows], item_parts["item_hidden_t"],
+                                          parts["out_weights"]) + parts["out_bias"].view(-1, 1, 1)
+            y = mlp if y is None else y.add_(mlp)
+        return y
+
+    def _rank_planes(self, users: torch.Tensor) -> torch.Tensor:
+        """Full ranking with a linear router, in expert planes: each block's expert scores
+        (``block_expert_scores``), gates by ``topk_softmax_mix``; the same scores as the general path."""
+        parts = self.plane_ranking_inputs(users)
         scores = torch.empty(users.numel(), self.n_items, device=users.device)
-        for rows, at, item_vecs_t, item_logits in self.ranking_blocks(parts):
-            y = torch.bmm(parts["user_vecs"][:, rows], item_vecs_t)  # Eqs. 11 + 21: [E, users, items]
-            scores[rows, at:at + item_logits.shape[1]] = topk_softmax_mix(y, parts["user_logits"][:, rows],
-                                                                           item_logits, self.top_k)
+        for rows, at, item_parts in self.ranking_blocks(parts):
+            item_logits = item_parts["item_logits"]
+            scores[rows, at:at + item_logits.shape[1]] = topk_softmax_mix(
+                self.block_expert_scores(parts, rows, item_parts), parts["user_logits"][:, rows], item_logits,
+                self.top_k)
         return self._with_behaviour_residual(scores, self.cached("tables", self.encode), users)
 
     # -- reporting -------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_k_larger_than_e_is_an_error(make):
     assert make(families=["bal"], K=2).n_experts == 3
 
 
-@pytest.mark.parametrize("variant", [{}, {"expert_head": "concat_mlp", "router": "mlp"},
+@pytest.mark.parametrize("variant", [{}, {"expert_head": "concat_mlp", "router": "mlp"}, {"expert_head": "concat_mlp"},
                                      {"expert_head": "hadamard_concat", "templates": "free"},
                                      {"moe": False}, {"view": "SV", "expert_replicas": 2, "K": 6}])
 def test_full_sort_equals_pairwise(make, variant):

@@ -213,6 +213,17 @@ def test_compiled_topk_mix_equals_the_torch_path(k):
 
 
 @pytest.mark.skipif(not __import__("mmrec.native").native.available(), reason="no C compiler on this machine")
+def test_compiled_relu_head_scores_equal_the_hidden_layer_by_hand():
+    from mmrec import native
+
+    g = torch.Generator().manual_seed(7)
+    e, u, i, h = 3, 5, 300, 16  # more items than one tile of the kernel
+    hu, hi_t, w = torch.randn(e, u, h, generator=g), torch.randn(e, h, i, generator=g), torch.randn(e, h, generator=g)
+    expected = torch.einsum("euih,eh->eui", torch.relu(hu.unsqueeze(2) + hi_t.permute(0, 2, 1).unsqueeze(1)), w)
+    torch.testing.assert_close(native.relu_head_scores(hu, hi_t, w), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not __import__("mmrec.native").native.available(), reason="no C compiler on this machine")
 def test_compiled_topk_mix_keeps_exactly_k_experts_at_a_tie_lower_index_first():
     e = 9
     logit = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # experts 1-3 tie at the 2nd place

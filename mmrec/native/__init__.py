@@ -6,7 +6,9 @@ same numbers.  Builds go to ``MMREC_NATIVE_DIR`` (default ``.cache/native`` in t
 per source, compiler and processor, so a shared folder never serves a build made for another CPU.
 
 - ``topk_mix`` (``topk_mix.c``): MAGNET's Top-K softmax mixing of expert scores in full ranking, the
-  compiled form of ``models.magnet.topk_softmax_mix``.
+  compiled form of ``models.magnet.topk_softmax_mix``; ``relu_head_scores`` (same file): the concat-MLP
+  expert heads' scores for a block of users x items without storing the hidden layer
+  (``models.magnet.ExpertHeads.mlp_plane_scores``).
 - ``csr_rows_mm`` / ``csr_rows_t_mm`` / ``rows_add`` (``csr_mm.c``): a CSR matrix times a dense one for graph propagation
   (all rows, or a batch's rows of A and the transpose of that row block, without slicing A).
 - ``row_topk`` (``row_topk.c``): the top-k items of every row of a score block in evaluation, the compiled
@@ -91,9 +93,17 @@ _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 ROW_TOPK_MAX_K = 1024  # row_topk.c's MAX_K
 
 
+_MAGNET_KERNELS = {"topk_mix": [_P] * 6 + [_I] * 5, "relu_head_scores": [_P] * 4 + [_I] * 5}  # topk_mix.c
+
+
 def _topk_mix_function():
-    fns = _kernels(_SOURCE, {"topk_mix": [_P] * 6 + [_I] * 5})
+    fns = _kernels(_SOURCE, _MAGNET_KERNELS)
     return fns and fns[0]
+
+
+def _relu_head_function():
+    fns = _kernels(_SOURCE, _MAGNET_KERNELS)
+    return fns and fns[1]
 
 
 def _row_topk_function():
@@ -175,6 +185,20 @@ def rows_add(out: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, diag: float
 def available() -> bool:
     """Whether the compiled kernels can be used in this process."""
     return _topk_mix_function() is not None
+
+
+def relu_head_scores(hu: torch.Tensor, hi_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """y[e, u, i] = sum_h w[e, h] relu(hu[e, u, h] + hi_t[e, h, i]): hu [E, U, H], hi_t [E, H, I], w [E, H] ->
+    [E, U, I], or None when the kernel cannot run here."""
+    fn = _relu_head_function()
+    if fn is None or hu.device.type != "cpu":
+        return None
+    hu, hi_t, w = hu.float().contiguous(), hi_t.float().contiguous(), w.float().contiguous()
+    n_exp, n_users, n_hidden = hu.shape
+    out = torch.empty(n_exp, n_users, hi_t.shape[2])
+    rc = fn(hu.data_ptr(), hi_t.data_ptr(), w.data_ptr(), out.data_ptr(), n_exp, n_users, hi_t.shape[2], n_hidden,
+            torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def topk_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor | None:

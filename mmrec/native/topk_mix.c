@@ -86,3 +86,36 @@ int topk_mix(const float *y, const float *a, const float *b, const float *ea, co
     }
     return 0;
 }
+
+/* The concat-MLP expert heads' scores for every user x item pair of a block (MAGNET, Eqs. 11 and 21 with
+ * expert_head concat_mlp; the b2 term is added by the caller):
+ *
+ *   y[e, u, i] = sum_h w[e, h] * relu(hu[e, u, h] + hi_t[e, h, i])
+ *
+ * hu [E, U, H] = x_u W1_user + b1, hi_t [E, H, I] = (x_i W1_item) transposed, w [E, H] = W2_e v.  The inner
+ * loop runs across items (hi_t is item-contiguous), so each accumulator is independent and vectorises
+ * without reassociating a sum; the [U, I, E, H] hidden layer is never stored. */
+int relu_head_scores(const float *hu, const float *hi_t, const float *w, float *y, int64_t n_exp,
+                     int64_t n_users, int64_t n_items, int64_t n_hidden, int64_t n_threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(n_threads)
+    for (int64_t e = 0; e < n_exp; ++e)
+        for (int64_t u = 0; u < n_users; ++u) {
+            const float *a = hu + (e * n_users + u) * n_hidden, *we = w + e * n_hidden;
+            float *row = y + (e * n_users + u) * n_items;
+            for (int64_t i0 = 0; i0 < n_items; i0 += TILE) {
+                const int64_t n = n_items - i0 < TILE ? n_items - i0 : TILE;
+                float acc[TILE];
+                for (int64_t t = 0; t < n; ++t) acc[t] = 0.0f;
+                for (int64_t h = 0; h < n_hidden; ++h) {
+                    const float ah = a[h], wh = we[h];
+                    const float *b = hi_t + (e * n_hidden + h) * n_items + i0;
+                    for (int64_t t = 0; t < n; ++t) {
+                        const float s = ah + b[t];
+                        acc[t] += wh * (s > 0.0f ? s : 0.0f);
+                    }
+                }
+                for (int64_t t = 0; t < n; ++t) row[i0 + t] = acc[t];
+            }
+        }
+    return 0;
+}
