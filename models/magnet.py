@@ -117,7 +117,8 @@ class ExpertHeads(nn.Module):
     """E expert heads phi_e (Eq. 11) with expert-specific parameters, stacked along dim 0.
 
     ``hadamard``: s = (W_e x_u) * x_i;  ``concat_mlp``: s = W2_e relu(W1_e [x_u; x_i] + b1_e) + b2_e;
-    ``hadamard_concat``: their sum."""
+    ``hadamard_concat``: their sum.  ``init="identity"``: W_e = I + 0.1 x the default draw, and W2_e, b2_e = 0,
+    so every head starts as the plain dot product where it has one and adds nothing else."""
 
     KINDS = ("hadamard", "concat_mlp", "hadamard_concat")
 
@@ -142,6 +143,9 @@ class ExpertHeads(nn.Module):
             self.b1 = _uniform((e, d), 2 * d)
             self.w2 = _uniform((e, d, d), d)  # [E, hidden, out]
             self.b2 = _uniform((e, d), d)
+            if init == "identity":  # the MLP part starts at 0: hadamard_concat starts as the hadamard head
+                with torch.no_grad():
+                    self.w2.zero_(), self.b2.zero_()
 
     def user_side(self, xu: torch.Tensor) -> dict[str, torch.Tensor]:
         """The heads' user-only products (W_e x_u; x_u W1_user), computed once for a user's pairs."""

@@ -242,6 +242,16 @@ def test_identity_expert_init(make):
     assert (heads.w_had - eye).abs().max() <= 0.1 / math.sqrt(8) + 1e-6
     assert not torch.equal(heads.w_had[0], heads.w_had[1])  # experts still differ (Theta_e)
     assert (make(expert_init="default").heads.w_had.abs() <= 1 / math.sqrt(8)).all()
+    both = make(expert_init="identity", expert_head="hadamard_concat", dropout=0.0)  # the MLP part starts at 0
+    assert not both.heads.w2.any() and not both.heads.b2.any() and both.heads.w1_user.any()
+    plain = make(expert_init="identity", expert_head="hadamard", dropout=0.0)
+    plain.load_state_dict({k: v for k, v in both.state_dict().items() if not k.startswith(("heads.w1", "heads.w2",
+                                                                                             "heads.b"))})
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    both.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(both.score_pairs(both.encode(), users, items)[0],
+                                   plain.score_pairs(plain.encode(), users, items)[0])
 
 
 def test_router_grad_detach_keeps_routing_gradient_out_of_z(make):
