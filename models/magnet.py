@@ -30,6 +30,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmrec import graph, native
@@ -223,7 +224,7 @@ class MAGNET(GeneralRecommender):
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     behaviour_residual, fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
     item_graph_layers, knn_k, lambda_ctr,
-    lambda_r, modality_scale, moe, n_layers, router, router_grad, routing_schedule, routing_trace_every,
+    lambda_r, modality_scale, moe, n_layers, router, router_grad, router_input, routing_schedule, routing_trace_every,
     seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
     trigger_window, user_cue_target, view, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
@@ -251,6 +252,7 @@ class MAGNET(GeneralRecommender):
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
         "expert_head": ("in", ExpertHeads.KINDS), "expert_init": ("in", ("default", "identity")),
         "router": ("in", ("linear", "mlp")), "router_grad": ("in", ("full", "detach")), "K": (">=", 1),
+        "router_input": ("in", ("raw", "l2", "user")),
         "dropout": ("between", (0, 0.99)),
         "routing_schedule": ("in", SCHEDULES), "stage_weights": ("in", STAGE_WEIGHTS),
         "entropy_threshold": (">=", 0), "trigger_window": (">=", 1), "lambda_r": (">=", 0),
@@ -384,6 +386,11 @@ class MAGNET(GeneralRecommender):
         self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
         self.router = Router(str(cfg["router"]), d, self.n_experts) if self.use_moe else None
         self.router_grad = str(cfg["router_grad"])
+        # router_input l2: q = [z_u / |z_u|; z_i / |z_i|], so the gates read directions, not norms: with raw z
+        # the item half can key on |z_i| (which grows with popularity) and route tail items to experts with
+        # a small behaviour share, whose scores are near 0 (docs/magnet.md); user: q = [z_u; 0], one mixture
+        # per user, so the gates cannot rank items at all
+        self.router_input = str(cfg.get("router_input", "raw"))
         self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
         self._sampled_views: dict = {}
@@ -500,7 +507,12 @@ class MAGNET(GeneralRecommender):
         h_item_s, h_user_s = self._cues(self.text_proj, self.t_feat, users, items, "t")
         z, n_u = out["z"], out["n_users"]
         # router input q = [z_u; z_i] (Eq. 16); `router_grad: detach` stops the routing path's gradient into z
-        out["z_router"] = z.detach() if self.router_grad == "detach" else z
+        z_router = z.detach() if self.router_grad == "detach" else z
+        if self.router_input == "l2":
+            z_router = F.normalize(z_router, dim=-1)
+        elif self.router_input == "user":
+            z_router = torch.cat([z_router[:n_u], torch.zeros_like(z_router[n_u:])])
+        out["z_router"] = z_router
         r_user = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
         r_item = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
         if self.modality_scale != "none":

@@ -254,6 +254,34 @@ def test_identity_expert_init(make):
                                    plain.score_pairs(plain.encode(), users, items)[0])
 
 
+def test_router_input_l2_routes_on_directions_only(make):
+    """router_input l2: the router reads q = [z_u / |z_u|; z_i / |z_i|] (Eq. 16 on row-normalised z; raw: z
+    itself), so an item's gates do not depend on its norm; full ranking still equals pairwise scoring."""
+    for mode in ("raw", "l2", "user"):
+        m = make(router_input=mode, dropout=0.0)
+        m.eval()
+        with torch.no_grad():
+            t = m.encode()
+        n_u = m.n_users
+        expected = {"raw": t["z"], "l2": F.normalize(t["z"], dim=-1),
+                    "user": torch.cat([t["z"][:n_u], torch.zeros_like(t["z"][n_u:])])}[mode]
+        torch.testing.assert_close(t["z_router"], expected)
+        if mode == "user":  # one mixture per user: the same gates for every item
+            with torch.no_grad():
+                _, pi, _ = m.score_pairs(t, torch.tensor([4, 4, 4]), torch.tensor([0, 3, 7]))
+            torch.testing.assert_close(pi, pi[:1].expand_as(pi))
+    users = torch.tensor([0, 1, 2])
+    m = make(router_input="l2", dropout=0.0)
+    m.eval()
+    with torch.no_grad():
+        m.start_evaluation()
+        full = m.full_sort_predict({"users": users})
+        m.end_evaluation()
+        t = m.encode()
+        pair, _, _ = m.score_pairs(t, users.repeat_interleave(m.n_items), torch.arange(m.n_items).repeat(3))
+    torch.testing.assert_close(full, pair.view(3, m.n_items), atol=1e-5, rtol=1e-5)
+
+
 def test_router_grad_detach_keeps_routing_gradient_out_of_z(make):
     """router_grad=detach: a loss on the routing alone trains the router but leaves the ID tables alone."""
     users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
@@ -422,6 +450,21 @@ def test_embedding_reg_is_half_the_squared_norm_of_the_batch_id_rows(make):
     torch.testing.assert_close(out["reg"], 0.2 * by_hand)
     out["reg"].backward()
     torch.testing.assert_close(eu.grad[1], 0.2 * 2 * eu[1].detach() / 3)  # user 1 appears twice
+
+
+def test_hits_by_popularity_by_hand():
+    """utils.magnet_parts --popularity: the hit rate of held-out pairs per training-popularity bucket."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from utils.magnet_parts import hits_by_popularity
+
+    train = sp.csr_matrix(np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]))  # popularity 3, 2, 1, 0, 0
+    truth = sp.csr_matrix(np.array([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]))
+    top = np.array([[3, 1], [2, 4], [0, 1]])  # users 0, 1, 2: hits (0, 3), (1, 2), (2, 1)
+    out = hits_by_popularity(top, np.array([0, 1, 2]), truth, train, edges=(0, 1, 3))
+    # [0,1): items 3, 4 -> pairs (0,3) hit, (0,4) miss, (1,3) miss; [1,3): items 1, 2 -> (1,2) hit, (2,1) hit
+    assert out == [("[0,1)", 3, pytest.approx(1 / 3)), ("[1,3)", 2, 1.0), ("[3,inf)", 0, pytest.approx(float("nan"), nan_ok=True))]
 
 
 def test_score_parts_rank_by_the_parts_they_name(make):

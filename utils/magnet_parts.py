@@ -1,6 +1,6 @@
 """What does each part of a trained MAGNET score contribute?
 
-    python -m utils.magnet_parts RUN_DIR [--k 20]
+    python -m utils.magnet_parts RUN_DIR [--k 20] [--popularity] [--split test]
 
 RUN_DIR is the output folder of a MAGNET run (config.yaml and best.pth). The best epoch's weights are
 ranked on the validation and test splits (training items masked, as the trainer does) by:
@@ -11,6 +11,11 @@ ranked on the validation and test splits (training items masked, as the trainer 
   cue similarity <h^A_u, h^A_i> + <h^S_u, h^S_i>: the modality cues alone (Eqs. 7-8)
 and the RMS row norm of r^B, r^A, r^S (Eq. 9) is printed, which says how much weight a template's
 share of each channel really carries.
+
+``--popularity``: for each score, the hit rate @K of the split's (user, item) pairs by the target item's
+number of training interactions (buckets POPULARITY_EDGES), and the mean training popularity of the
+top-K lists: where in the catalogue a score finds its hits.  RUN_DIR may then be any model's run (its own
+score only), so a baseline's buckets can be read beside MAGNET's.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 import utils.synth  # noqa: F401  (registers the synthetic presets)
@@ -80,27 +87,74 @@ def _without_cues(model, users):
         return model.full_sort_predict({"users": users})
 
 
+POPULARITY_EDGES = (0, 3, 6, 11, 21, 41)  # bucket lower edges: [0, 3), [3, 6), ..., [41, inf)
+
+
+def hits_by_popularity(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix, train: sp.csr_matrix,
+                       edges=POPULARITY_EDGES) -> list[tuple[str, int, float]]:
+    """(bucket, pairs, hit rate) per training-popularity bucket of the target items: a pair (u, i) of
+    ``truth`` is a hit when i is in u's row of ``top`` (users[r] -> top[r])."""
+    popularity = np.asarray(train.sum(axis=0)).ravel()
+    hit, target = [], []
+    for row, user in enumerate(users):
+        items = truth.indices[truth.indptr[user]:truth.indptr[user + 1]]
+        hit.append(np.isin(items, top[row]))
+        target.append(popularity[items])
+    hit, target = np.concatenate(hit), np.concatenate(target)
+    bucket = np.searchsorted(np.asarray(edges), target, side="right") - 1
+    out = []
+    for b, lo in enumerate(edges):
+        name = f"[{lo},{edges[b + 1]})" if b + 1 < len(edges) else f"[{lo},inf)"
+        mask = bucket == b
+        out.append((name, int(mask.sum()), float(hit[mask].mean()) if mask.any() else float("nan")))
+    return out
+
+
+def _popularity_report(name: str, scorer, dataset, split: str, k: int) -> tuple[str, list]:
+    res = evaluate(scorer, dataset, split, [k], keep_topk=k)
+    top = np.asarray(res["topk"])
+    train = dataset.train_matrix.tocsr()
+    mean_pop = float(np.asarray(train.sum(axis=0)).ravel()[top].mean())
+    buckets = hits_by_popularity(top, res["users"], dataset.eval_matrix(split).tocsr(), train)
+    cells = "  ".join(f"{b} {rate:.3f}" for b, _, rate in buckets)
+    return f"{name:16s} N@{k} {res['metrics'][f'ndcg@{k}']:.4f}  top-{k} mean pop {mean_pop:5.1f}  | {cells}", buckets
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--popularity", action="store_true",
+                   help="hit rate @K by the target item's training popularity (any model's run)")
+    p.add_argument("--split", default="test", choices=("valid", "test"), help="the split of --popularity")
     a = p.parse_args(argv)
     cfg_path, weights = a.run_dir / "config.yaml", a.run_dir / "best.pth"
     for path in (cfg_path, weights):
         if not path.exists():
-            p.error(f"{path} is missing: give the output folder of a finished MAGNET run")
+            p.error(f"{path} is missing: give the output folder of a finished run")
     saved = yaml_load(cfg_path.read_text())
-    if saved.get("model") != "MAGNET":
-        p.error(f"{cfg_path}: model is {saved.get('model')!r}; this tool reads MAGNET runs")
+    if saved.get("model") != "MAGNET" and not a.popularity:
+        p.error(f"{cfg_path}: model is {saved.get('model')!r}; the parts are MAGNET's (--popularity reads any run)")
     skip = ("model", "dataset", "hyper_parameters", "device")
-    config = load_config("MAGNET", saved["dataset"], {k: v for k, v in saved.items() if k not in skip})
+    config = load_config(saved["model"], saved["dataset"], {k: v for k, v in saved.items() if k not in skip})
     ensure_generated(config)
     dataset = RecDataset(config)
-    model = get_model("MAGNET")(config, dataset)
+    model = get_model(saved["model"])(config, dataset)
     state = torch.load(weights, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     model.eval()
     with torch.no_grad():
+        if a.popularity:
+            parts = (score_parts(model) if saved["model"] == "MAGNET"
+                     else {"full": lambda users: model.full_sort_predict({"users": users})})
+            for n, name in enumerate(("full", "z dot", "z^UI dot") if saved["model"] == "MAGNET" else ("full",)):
+                line, buckets = _popularity_report(name, _Scorer(model, parts[name]), dataset, a.split, a.k)
+                if n == 0:
+                    counts = ", ".join(f"{b} {pairs}" for b, pairs, _ in buckets)
+                    print(f"{a.run_dir}: {saved['model']}, best epoch {state.get('epoch')}; {a.split} hit rate @{a.k} by "
+                          f"the target item's training interactions (pairs per bucket: {counts})")
+                print(line)
+            return 0
         tables = model.encode()
         rows = torch.cat([tables["r_user"], tables["r_item"]])
         rms = rows.pow(2).sum(-1).mean(0).sqrt().tolist()
