@@ -222,7 +222,7 @@ class MAGNET(GeneralRecommender):
     docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
     com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_form, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
-    behaviour_residual, fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
+    behaviour_residual, candidate_popularity_discount, fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
     item_graph_layers, knn_k, lambda_ctr,
     lambda_r, modality_scale, moe, n_layers, router, router_grad, router_input, routing_schedule, routing_trace_every,
     seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
@@ -239,7 +239,7 @@ class MAGNET(GeneralRecommender):
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
         "candidate_score": ("in", ("pool_dense", "topk_sparse")), "induced_edge_weight": ("in", ("binary", "score")),
-        "induced_edge_scale": (">", 0),
+        "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
         "cue_form": ("in", ("projection", "purified_knn")),
@@ -421,7 +421,8 @@ class MAGNET(GeneralRecommender):
         if self.view == "SV":
             return
         k, r = int(cfg["knn_k"]), int(cfg["expansion_r"])
-        induced = cached_induced_edges(self.dataset, k, r, str(cfg["candidate_score"]))
+        induced = cached_induced_edges(self.dataset, k, r, str(cfg["candidate_score"]),
+                                       float(cfg.get("candidate_popularity_discount", 0.0) or 0.0))
         aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]),
                                float(cfg["induced_edge_scale"]))
         self.adj_uig_cpu = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"))  # neighbour sampling reads it

@@ -146,13 +146,17 @@ def candidate_block(train: sp.csr_matrix, user_lo: int, user_hi: int, knn_idx, k
 
 def build_induced_edges(train: sp.spmatrix, knn_idx: list[np.ndarray], knn_val: list[np.ndarray],
                         features: list[np.ndarray] | None, r: int, candidate_score: str = "pool_dense",
-                        block_users: int | None = None) -> dict[str, np.ndarray]:
+                        block_users: int | None = None, popularity_discount: float = 0.0) -> dict[str, np.ndarray]:
     """E+ (Eq. 3): top-r pool candidates per user, from the training matrix only.
 
-    Returns arrays ``users``, ``items``, ``scores`` (c(u, j) of the kept edges) and ``pool_sizes``
-    (|pool(u)| per user; a user whose pool is smaller than r keeps the whole pool)."""
+    ``popularity_discount`` gamma > 0 (an extension; 0 = Eq. 3): candidates are ranked by
+    c(u, j) / (1 + deg(j))^gamma, deg(j) = j's training interactions, so the induced edges go less to items
+    that already have many observed ones.  Returns arrays ``users``, ``items``, ``scores`` (c(u, j) of the
+    kept edges) and ``pool_sizes`` (|pool(u)| per user; a user whose pool is smaller than r keeps the whole
+    pool)."""
     train = sp.csr_matrix(train)
     n_users, n_items = train.shape
+    discount = (1.0 + np.asarray(train.sum(axis=0)).ravel()) ** -popularity_discount if popularity_discount else None
     normed = None
     if candidate_score == "pool_dense":
         normed = [graph.l2_normalize_rows(torch.as_tensor(np.asarray(f), dtype=torch.float32)) for f in features]
@@ -164,7 +168,7 @@ def build_induced_edges(train: sp.spmatrix, knn_idx: list[np.ndarray], knn_val: 
         hi = min(lo + block_users, n_users)
         users, items, scores = candidate_block(train, lo, hi, knn_idx, knn_val, normed, candidate_score)
         pool_sizes[lo:hi] = np.bincount(users - lo, minlength=hi - lo)
-        keep = _top_r_per_user(users, items, scores, r)
+        keep = _top_r_per_user(users, items, scores if discount is None else scores * discount[items], r)
         out_u.append(users[keep])
         out_i.append(items[keep])
         out_s.append(scores[keep])
@@ -173,19 +177,23 @@ def build_induced_edges(train: sp.spmatrix, knn_idx: list[np.ndarray], knn_val: 
             "scores": scores.astype(np.float32), "pool_sizes": pool_sizes}
 
 
-def cached_induced_edges(dataset, k: int, r: int, candidate_score: str) -> dict[str, np.ndarray]:
+def cached_induced_edges(dataset, k: int, r: int, candidate_score: str,
+                         popularity_discount: float = 0.0) -> dict[str, np.ndarray]:
     """E+ of a dataset, cached on disk keyed by everything it depends on (train split, features, k, r,
-    candidate score); kNN lists come from the shared cache (raw cosine, item not its own neighbour)."""
+    candidate score, popularity discount); kNN lists come from the shared cache (raw cosine, item not its
+    own neighbour)."""
     mods = [m for m in ("v", "t") if m in dataset.features]
     key = {"version": INDUCED_EDGES_VERSION, "train": dataset.train_fingerprint,
            "features": {m: dataset.feature_hash(m) for m in mods}, "k": int(k), "r": int(r),
            "candidate_score": candidate_score}
+    if popularity_discount:  # (absent at 0, so existing caches keep their keys)
+        key["popularity_discount"] = float(popularity_discount)
 
     def build() -> dict[str, np.ndarray]:
         lists = [graph.cached_knn(dataset, m, k, include_self=False) for m in mods]
         feats = [dataset.features[m] for m in mods]
         return build_induced_edges(dataset.train_matrix, [a for a, _ in lists], [b for _, b in lists],
-                                   feats, r, candidate_score)
+                                   feats, r, candidate_score, popularity_discount=popularity_discount)
 
     return dataset.cache.get_or_build("magnet_induced_edges", key, build)
 

@@ -63,8 +63,10 @@ def _knn(x, k):
     return idx, np.take_along_axis(c, idx, 1).astype(np.float32)
 
 
-def _brute_force(train, feats, k, r, mode):
-    """Eq. 2 / Eq. 3 by explicit loops over users, history items and candidates."""
+def _brute_force(train, feats, k, r, mode, gamma=0.0):
+    """Eq. 2 / Eq. 3 by explicit loops over users, history items and candidates (gamma: candidates ranked by
+    c(u, j) / (1 + deg(j))^gamma, the kept edges carrying c(u, j))."""
+    deg = np.asarray(train.sum(axis=0)).ravel()
     cos = [_cos(f) for f in feats]
     lists = [_knn(f, k)[0] for f in feats]
     out = {}
@@ -83,13 +85,13 @@ def _brute_force(train, feats, k, r, mode):
                     if mode == "pool_dense" or j in lists[m][i]:
                         c += cos[m][i, j] / 2
             scores[j] = c
-        best = sorted(scores, key=lambda j: (-scores[j], j))[:r]
+        best = sorted(scores, key=lambda j: (-scores[j] / (1 + deg[j]) ** gamma, j))[:r]
         out[u] = {j: scores[j] for j in best}
     return out
 
 
-@pytest.mark.parametrize("mode", ["pool_dense", "topk_sparse"])
-def test_induced_edges_match_brute_force(mode):
+@pytest.mark.parametrize("mode,gamma", [("pool_dense", 0.0), ("topk_sparse", 0.0), ("pool_dense", 1.0)])
+def test_induced_edges_match_brute_force(mode, gamma):
     rng = np.random.default_rng(3)
     n_users, n_items, k, r = 9, 14, 3, 5
     dense = (rng.random((n_users, n_items)) < 0.2).astype(np.float32)
@@ -99,8 +101,9 @@ def test_induced_edges_match_brute_force(mode):
     train = sp.csr_matrix(dense)
     feats = [rng.normal(size=(n_items, 6)), rng.normal(size=(n_items, 4))]
     lists = [_knn(f, k) for f in feats]
-    got = build_induced_edges(train, [a for a, _ in lists], [b for _, b in lists], feats, r, mode, block_users=4)
-    want = _brute_force(train, feats, k, r, mode)
+    got = build_induced_edges(train, [a for a, _ in lists], [b for _, b in lists], feats, r, mode, block_users=4,
+                              popularity_discount=gamma)
+    want = _brute_force(train, feats, k, r, mode, gamma)
     for u in range(n_users):
         sel = got["users"] == u
         got_u = dict(zip(got["items"][sel].tolist(), got["scores"][sel].tolist()))
