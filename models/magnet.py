@@ -219,14 +219,15 @@ class Router(nn.Module):
 class MAGNET(GeneralRecommender):
     """Dual-view graphs (observed and content-induced edges), triplet-template mixture of graph experts over
     graph/image/text channels, and entropy-triggered progressive routing. Paper and equations: this module's
-    docstring. Keys it reads (configs/model/MAGNET.yaml): K, alpha, aux_order, beta, candidate_score,
-    com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_form, cue_init, cue_input, delta, dropout, embedding_reg, entropy_smoothing,
+    docstring. Keys it reads (configs/model/MAGNET.yaml): alpha, aux_order, behaviour_residual, beta,
+    candidate_popularity_discount, candidate_score, com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_form,
+    cue_init, cue_input, cue_lr_scale, delta, dropout, embedding_lr_scale, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
-    behaviour_residual, candidate_popularity_discount, fanout_resample_steps, fixed_switch_epoch, induced_edge_scale, induced_edge_weight, item_graph_image_weight,
-    item_graph_layers, knn_k, lambda_ctr,
-    lambda_r, modality_scale, moe, n_layers, router, router_grad, router_input, routing_schedule, routing_trace_every,
-    seed, smoothing_steps, stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates,
-    trigger_window, user_cue_target, view, weight_decay_on."""
+    fanout_resample_steps, fixed_switch_epoch, head_lr_scale, induced_edge_scale, induced_edge_weight,
+    item_graph_image_weight, item_graph_layers, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
+    router, router_grad, router_input, routing_schedule, routing_trace_every, seed, smoothing_steps,
+    stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates, trigger_window, user_cue_target,
+    view, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: the stage controller's buffers were ctl_* on the model before it became its own module
     renamed_parameters = {**GeneralRecommender.renamed_parameters, "ctl_": "controller."}
