@@ -227,7 +227,7 @@ class MAGNET(GeneralRecommender):
     item_graph_image_weight, item_graph_layers, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
     router, router_grad, router_input, routing_schedule, routing_trace_every, seed, smoothing_steps,
     stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates, trigger_window, user_cue_target,
-    view, weight_decay_on."""
+    view, view_fusion, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: the stage controller's buffers were ctl_* on the model before it became its own module
     renamed_parameters = {**GeneralRecommender.renamed_parameters, "ctl_": "controller."}
@@ -239,6 +239,7 @@ class MAGNET(GeneralRecommender):
     #: every key's allowed values, in one place (checked before any data is loaded; docs/magnet.md)
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
+        "view_fusion": ("in", ("mean", "degree_gate")),
         "candidate_score": ("in", ("pool_dense", "topk_sparse")), "induced_edge_weight": ("in", ("binary", "score")),
         "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
@@ -280,6 +281,11 @@ class MAGNET(GeneralRecommender):
         d = self.embedding_size
         self.n_layers = int(cfg["n_layers"])
         self.view = str(cfg["view"])
+        # view_fusion (an extension of Eq. 6): mean = the paper's 0.5 (z^UI + z^UIG); degree_gate = per node
+        # z = z^UI + a (z^UIG - z^UI), a = sigmoid(w_s log(1 + deg) + b_s) with (w_s, b_s) per side (users,
+        # items), learned from a = 0.5: nodes with many observed edges can lean on the interaction view and
+        # rarely seen ones on the induced edges (docs/magnet.md, "Where MAGNET loses")
+        self.view_fusion = str(cfg.get("view_fusion", "mean"))
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
         self.fanout_resample_steps = int(cfg["fanout_resample_steps"])
@@ -362,6 +368,13 @@ class MAGNET(GeneralRecommender):
             knn = {m: graph.knn_graph(dataset, m, k, "bin", True, graph.DEGREE_EPS) for m in ("v", "t")}
             self.item_graph = graph.to_torch_sparse(w * knn["v"] + (1.0 - w) * knn["t"], self.device)
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
+        if self.view_fusion == "degree_gate" and self.view == "DV":
+            item_deg = np.asarray(self.train_matrix.sum(axis=0)).ravel()
+            self.register_buffer("node_log_degree", torch.log1p(torch.as_tensor(np.concatenate([deg, item_deg]),
+                                                                                  dtype=torch.float32)), persistent=False)
+            self.register_buffer("node_side", torch.cat([torch.zeros(self.n_users, dtype=torch.long),
+                                                         torch.ones(self.n_items, dtype=torch.long)]), persistent=False)
+            self.fusion_slope, self.fusion_bias = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
         # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
         # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
         # learned = a trainable gain exp(s_m) on r^A and r^S (s_m = 0 at the start, normal learning rate):
@@ -500,6 +513,9 @@ class MAGNET(GeneralRecommender):
         if views["uig"] is not None:
             z_uig = graph.propagate(views["uig"], ego, self.n_layers, rows=rows)
             out.update(z_uig=z_uig, z=0.5 * (z_ui + z_uig))  # Eq. 6
+            if hasattr(self, "fusion_slope"):  # view_fusion: degree_gate
+                a = self.fusion_share(rows)
+                out["z"] = z_ui + a.unsqueeze(1) * (z_uig - z_ui)
         if self.item_graph is not None:  # item_graph_layers: z_i + S^L e_i (the extension above)
             n_u = self.n_users if users is None else users.numel()
             smoothed = graph.propagate(self.item_graph, self.item_embedding.weight, self.item_graph_layers, "last",
@@ -523,6 +539,12 @@ class MAGNET(GeneralRecommender):
             r_user, r_item = r_user * factor, r_item * factor
         out["r_user"], out["r_item"] = r_user, r_item
         return out
+
+    def fusion_share(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``view_fusion: degree_gate``: the weight a of z^UIG per node (all, or the given node rows)."""
+        side = self.node_side if rows is None else self.node_side[rows]
+        log_deg = self.node_log_degree if rows is None else self.node_log_degree[rows]
+        return torch.sigmoid(self.fusion_slope[side] * log_deg + self.fusion_bias[side])
 
     @staticmethod
     def modality_factors(reps: torch.Tensor) -> torch.Tensor:

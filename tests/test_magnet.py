@@ -254,6 +254,30 @@ def test_identity_expert_init(make):
                                    plain.score_pairs(plain.encode(), users, items)[0])
 
 
+def test_view_fusion_degree_gate_mixes_the_views_by_node_degree(make):
+    """view_fusion degree_gate (extension of Eq. 6): z = z^UI + a (z^UIG - z^UI), a = sigmoid(w_s log(1 + deg) + b_s)
+    per side; it starts as Eq. 6's mean (a = 0.5), and a batch's rows equal the full encode's."""
+    import numpy as np
+
+    m = make(dropout=0.0, view_fusion="degree_gate")
+    m.eval()
+    with torch.no_grad():
+        t = m.encode()
+        torch.testing.assert_close(t["z"], 0.5 * (t["z_ui"] + t["z_uig"]))  # a = 0.5 at the start
+        m.fusion_slope.copy_(torch.tensor([0.7, -1.3]))
+        m.fusion_bias.copy_(torch.tensor([0.2, 0.4]))
+        t = m.encode()
+        deg = np.concatenate([np.asarray(m.train_matrix.sum(axis=1)).ravel(), np.asarray(m.train_matrix.sum(axis=0)).ravel()])
+        side = torch.cat([torch.zeros(m.n_users), torch.ones(m.n_items)]).long()
+        slope, bias = torch.tensor([0.7, -1.3])[side], torch.tensor([0.2, 0.4])[side]
+        a = torch.sigmoid(slope * torch.log1p(torch.as_tensor(deg, dtype=torch.float32)) + bias)
+        torch.testing.assert_close(t["z"], t["z_ui"] + a.unsqueeze(1) * (t["z_uig"] - t["z_ui"]))
+        users, items = torch.tensor([0, 2]), torch.tensor([1, 4, 6])
+        rows = m.encode(users, items)
+        torch.testing.assert_close(rows["z"], t["z"][torch.cat([users, items + m.n_users])], atol=1e-5, rtol=1e-5)
+    assert not hasattr(make(view_fusion="degree_gate", view="SV"), "fusion_slope")  # one view: nothing to mix
+
+
 def test_router_input_l2_routes_on_directions_only(make):
     """router_input l2: the router reads q = [z_u / |z_u|; z_i / |z_i|] (Eq. 16 on row-normalised z; raw: z
     itself), so an item's gates do not depend on its norm; full ranking still equals pairwise scoring."""
