@@ -368,12 +368,10 @@ class MAGNET(GeneralRecommender):
             knn = {m: graph.knn_graph(dataset, m, k, "bin", True, graph.DEGREE_EPS) for m in ("v", "t")}
             self.item_graph = graph.to_torch_sparse(w * knn["v"] + (1.0 - w) * knn["t"], self.device)
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
-        if self.view_fusion == "degree_gate" and self.view == "DV":
-            item_deg = np.asarray(self.train_matrix.sum(axis=0)).ravel()
-            self.register_buffer("node_log_degree", torch.log1p(torch.as_tensor(np.concatenate([deg, item_deg]),
-                                                                                  dtype=torch.float32)), persistent=False)
-            self.register_buffer("node_side", torch.cat([torch.zeros(self.n_users, dtype=torch.long),
-                                                         torch.ones(self.n_items, dtype=torch.long)]), persistent=False)
+        if self.view_fusion == "degree_gate" and self.view == "DV":  # log(1 + deg) of users, then items
+            node_degree = np.concatenate([deg, np.asarray(self.train_matrix.sum(axis=0)).ravel()])
+            self.register_buffer("node_log_degree", torch.log1p(torch.as_tensor(node_degree, dtype=torch.float32)),
+                                 persistent=False)
             self.fusion_slope, self.fusion_bias = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
         # modality_scale: rms = r^A and r^S rescaled to r^B's RMS row norm before the templates (Eq. 10), so
         # a template weight is the share it claims (issue #11: |z| ~ 3 against |h^m| ~ 0.4 after training)
@@ -542,9 +540,9 @@ class MAGNET(GeneralRecommender):
 
     def fusion_share(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``view_fusion: degree_gate``: the weight a of z^UIG per node (all, or the given node rows)."""
-        side = self.node_side if rows is None else self.node_side[rows]
-        log_deg = self.node_log_degree if rows is None else self.node_log_degree[rows]
-        return torch.sigmoid(self.fusion_slope[side] * log_deg + self.fusion_bias[side])
+        nodes = torch.arange(self.node_log_degree.numel(), device=self.node_log_degree.device) if rows is None else rows
+        side = (nodes >= self.n_users).long()  # 0: users, 1: items
+        return torch.sigmoid(self.fusion_slope[side] * self.node_log_degree[nodes] + self.fusion_bias[side])
 
     @staticmethod
     def modality_factors(reps: torch.Tensor) -> torch.Tensor:

@@ -95,12 +95,11 @@ def hits_by_popularity(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix,
     """(bucket, pairs, hit rate) per training-popularity bucket of the target items: a pair (u, i) of
     ``truth`` is a hit when i is in u's row of ``top`` (users[r] -> top[r])."""
     popularity = np.asarray(train.sum(axis=0)).ravel()
-    hit, target = [], []
-    for row, user in enumerate(users):
-        items = truth.indices[truth.indptr[user]:truth.indptr[user + 1]]
-        hit.append(np.isin(items, top[row]))
-        target.append(popularity[items])
-    hit, target = np.concatenate(hit), np.concatenate(target)
+    held_out = sp.csr_matrix(truth)[np.asarray(users)].tocoo()  # row r = users[r]
+    listed = sp.csr_matrix((np.ones(top.size, dtype=np.int8), (np.repeat(np.arange(len(users)), top.shape[1]),
+                                                                top.ravel())), shape=held_out.shape)
+    hit = np.asarray(listed[held_out.row, held_out.col]).ravel() > 0
+    target = popularity[held_out.col]
     bucket = np.searchsorted(np.asarray(edges), target, side="right") - 1
     out = []
     for b, lo in enumerate(edges):

@@ -8,7 +8,7 @@ per source, compiler and processor, so a shared folder never serves a build made
 - ``topk_mix`` (``topk_mix.c``): MAGNET's Top-K softmax mixing of expert scores in full ranking, the
   compiled form of ``models.magnet.topk_softmax_mix``; ``relu_head_scores`` (same file): the concat-MLP
   expert heads' scores for a block of users x items without storing the hidden layer
-  (``models.magnet.ExpertHeads.mlp_plane_scores``).
+  (``models.magnet.MAGNET.block_expert_scores``).
 - ``csr_rows_mm`` / ``csr_rows_t_mm`` / ``rows_add`` (``csr_mm.c``): a CSR matrix times a dense one for graph propagation
   (all rows, or a batch's rows of A and the transpose of that row block, without slicing A).
 - ``row_topk`` (``row_topk.c``): the top-k items of every row of a score block in evaluation, the compiled
@@ -96,14 +96,10 @@ ROW_TOPK_MAX_K = 1024  # row_topk.c's MAX_K
 _MAGNET_KERNELS = {"topk_mix": [_P] * 6 + [_I] * 5, "relu_head_scores": [_P] * 4 + [_I] * 5}  # topk_mix.c
 
 
-def _topk_mix_function():
+def _magnet_kernel(name: str):
+    """One of topk_mix.c's kernels by name, or None."""
     fns = _kernels(_SOURCE, _MAGNET_KERNELS)
-    return fns and fns[0]
-
-
-def _relu_head_function():
-    fns = _kernels(_SOURCE, _MAGNET_KERNELS)
-    return fns and fns[1]
+    return fns and fns[list(_MAGNET_KERNELS).index(name)]
 
 
 def _row_topk_function():
@@ -184,13 +180,13 @@ def rows_add(out: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, diag: float
 
 def available() -> bool:
     """Whether the compiled kernels can be used in this process."""
-    return _topk_mix_function() is not None
+    return _magnet_kernel("topk_mix") is not None
 
 
 def relu_head_scores(hu: torch.Tensor, hi_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """y[e, u, i] = sum_h w[e, h] relu(hu[e, u, h] + hi_t[e, h, i]): hu [E, U, H], hi_t [E, H, I], w [E, H] ->
     [E, U, I], or None when the kernel cannot run here."""
-    fn = _relu_head_function()
+    fn = _magnet_kernel("relu_head_scores")
     if fn is None or hu.device.type != "cpu":
         return None
     hu, hi_t, w = hu.float().contiguous(), hi_t.float().contiguous(), w.float().contiguous()
@@ -204,7 +200,7 @@ def relu_head_scores(hu: torch.Tensor, hi_t: torch.Tensor, w: torch.Tensor) -> t
 def topk_mix(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor | None:
     """``models.magnet.topk_softmax_mix`` compiled: y [E, U, I], a [E, U], b [E, I] -> [U, I], or None when
     the kernel cannot run here (the caller then takes the torch path)."""
-    fn = _topk_mix_function()
+    fn = _magnet_kernel("topk_mix")
     if fn is None or y.device.type != "cpu" or y.shape[0] > 32:
         return None
     y, a, b = y.float().contiguous(), a.float().contiguous(), b.float().contiguous()
