@@ -239,7 +239,7 @@ class MAGNET(GeneralRecommender):
     #: every key's allowed values, in one place (checked before any data is loaded; docs/magnet.md)
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
-        "view_fusion": ("in", ("mean", "degree_gate")),
+        "view_fusion": ("in", ("mean", "degree_gate")), "view_share": ("between", (0, 1)),
         "candidate_score": ("in", ("pool_dense", "topk_sparse")), "induced_edge_weight": ("in", ("binary", "score")),
         "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
@@ -286,6 +286,8 @@ class MAGNET(GeneralRecommender):
         # items), learned from a = 0.5: nodes with many observed edges can lean on the interaction view and
         # rarely seen ones on the induced edges (docs/magnet.md, "Where MAGNET loses")
         self.view_fusion = str(cfg.get("view_fusion", "mean"))
+        # view_share a (with view_fusion: mean): z = (1 - a) z^UI + a z^UIG; a = 0.5 is Eq. 6's mean
+        self.view_share = float(cfg.get("view_share", 0.5))
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
         self.fanout_resample_steps = int(cfg["fanout_resample_steps"])
@@ -510,7 +512,7 @@ class MAGNET(GeneralRecommender):
         out = {"z_ui": z_ui, "z_uig": None, "z": z_ui, "n_users": self.n_users if users is None else users.numel()}
         if views["uig"] is not None:
             z_uig = graph.propagate(views["uig"], ego, self.n_layers, rows=rows)
-            out.update(z_uig=z_uig, z=0.5 * (z_ui + z_uig))  # Eq. 6
+            out.update(z_uig=z_uig, z=(1.0 - self.view_share) * z_ui + self.view_share * z_uig)  # Eq. 6 at 0.5
             if hasattr(self, "fusion_slope"):  # view_fusion: degree_gate
                 a = self.fusion_share(rows)
                 out["z"] = z_ui + a.unsqueeze(1) * (z_uig - z_ui)

@@ -278,6 +278,19 @@ def test_view_fusion_degree_gate_mixes_the_views_by_node_degree(make):
     assert not hasattr(make(view_fusion="degree_gate", view="SV"), "fusion_slope")  # one view: nothing to mix
 
 
+def test_view_share_weights_the_two_views(make):
+    """view_share a (extension of Eq. 6): z = (1 - a) z^UI + a z^UIG; a = 0.5 is Eq. 6's mean, to the last bit."""
+    with torch.no_grad():
+        for a in (0.5, 0.3, 1.0):
+            m = make(dropout=0.0, view_share=a)
+            m.eval()
+            t = m.encode()
+            expected = 0.5 * (t["z_ui"] + t["z_uig"]) if a == 0.5 else (1 - a) * t["z_ui"] + a * t["z_uig"]
+            assert torch.equal(t["z"], expected) if a == 0.5 else torch.allclose(t["z"], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="view_share"):
+        make(view_share=1.5)
+
+
 def test_router_input_l2_routes_on_directions_only(make):
     """router_input l2: the router reads q = [z_u / |z_u|; z_i / |z_i|] (Eq. 16 on row-normalised z; raw: z
     itself), so an item's gates do not depend on its norm; full ranking still equals pairwise scoring."""
