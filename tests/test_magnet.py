@@ -533,6 +533,42 @@ def test_score_parts_rank_by_the_parts_they_name(make):
     assert not torch.allclose(no_cues, full)
 
 
+def test_routing_parts_average_the_gates_they_name(make):
+    """utils.magnet_parts --routing: the full score re-mixed with each pair's Top-K gates averaged over the user's
+    items, over the item's users, or uniform; and per popularity bucket the mean gates and sum_e g_e (w^B_e)^2."""
+    import numpy as np
+
+    from models.magnet import topk_gates
+    from utils.magnet_parts import gates_by_popularity, routing_parts
+
+    m = make(dropout=0.0)
+    m.eval()
+    with torch.no_grad():
+        parts, item_gates = routing_parts(m)
+        t = m.encode()
+        users = torch.arange(m.n_users).repeat_interleave(m.n_items)
+        items = torch.arange(m.n_items).repeat(m.n_users)
+        x = m.expert_inputs(m.expert_weights(), t["r_user"])[users], m.expert_inputs(m.expert_weights(), t["r_item"])[items]
+        y = (m.heads.pair(*x) @ m.score_vector).view(m.n_users, m.n_items, -1)  # v^T s^(e) per pair
+        z = t["z_router"]
+        g = topk_gates(torch.softmax(m.router.pair(z[users], z[m.n_users + items]), -1), m.top_k).view_as(y)
+        some = torch.tensor([0, 3])
+        torch.testing.assert_close(parts["full"](some), (g * y).sum(-1)[some], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(parts["user-mean gates"](some), (g.mean(1, keepdim=True) * y).sum(-1)[some],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(parts["item-mean gates"](some), (g.mean(0, keepdim=True) * y).sum(-1)[some],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(parts["uniform gates"](some), y.mean(-1)[some], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(item_gates, g.mean(0))
+    gates = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])  # 3 items, 2 experts with w^B 0.8 and 0.2
+    out = gates_by_popularity(gates, torch.tensor([0.8, 0.2]), np.array([0, 5, 7]), edges=(0, 3))
+    assert [(b, n) for b, n, _, _ in out] == [("[0,3)", 1), ("[3,inf)", 2)]
+    assert out[0][2] == pytest.approx(0.64) and out[1][2] == pytest.approx((0.5 * 0.68 + 0.04) / 2)
+    assert out[1][3] == pytest.approx([0.25, 0.75])
+    with pytest.raises(ValueError, match="moe: false"):
+        routing_parts(make(moe=False))
+
+
 def test_cue_init_pca_projects_on_the_principal_directions(make):
     """``cue_init: pca``: f_m's rows are orthonormal top principal directions of its (centred) input, so
     the item cues keep as much feature variance as any d-dim linear map can."""

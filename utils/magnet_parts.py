@@ -12,6 +12,12 @@ ranked on the validation and test splits (training items masked, as the trainer 
 and the RMS row norm of r^B, r^A, r^S (Eq. 9) is printed, which says how much weight a template's
 share of each channel really carries.
 
+``--routing``: what the router adds, per pair or per item.  The full score is ranked again with each
+pair's Top-K gates g_ui replaced by their mean over the user's items (one mixture per user), by their mean
+over the users (one mixture per item: routing as an item-level scorer), and by uniform gates; and per
+item-popularity bucket the mean gates and the mean behaviour gain sum_e g_e (w^B_e)^2 (the factor the
+routing puts on the <z_u, z_i> part of the score) are printed.
+
 ``--popularity``: for each score, the hit rate @K of the split's (user, item) pairs by the target item's
 number of training interactions (buckets POPULARITY_EDGES), and the mean training popularity of the
 top-K lists: where in the catalogue a score finds its hits.  RUN_DIR may then be any model's run (its own
@@ -34,6 +40,7 @@ from mmrec.data import RecDataset
 from mmrec.data.sources import ensure_generated
 from mmrec.evaluation import evaluate
 from mmrec.registry import get_model
+from models.magnet import topk_gates
 
 
 class _Scorer(torch.nn.Module):
@@ -90,6 +97,61 @@ def _without_cues(model, users):
 POPULARITY_EDGES = (0, 3, 6, 11, 21, 41)  # bucket lower edges: [0, 3), [3, 6), ..., [41, inf)
 
 
+def expert_scores_and_gates(model, tables, users: torch.Tensor, block_budget: int = 1 << 24):
+    """Yield (user rows, expert scores v^T s^(e) [b, I, E], Top-K gates [b, I, E]) over blocks of ``users``
+    (the general full-ranking path of Eqs. 10-21, without the mixing)."""
+    w = model.expert_weights()
+    x_items = model.expert_inputs(w, tables["r_item"])
+    z = tables["z_router"]
+    step = max(1, block_budget // max(model.n_items * model.n_experts, 1))
+    for lo in range(0, users.numel(), step):
+        rows = users[lo:lo + step]
+        y = model.heads.all_pairs(model.expert_inputs(w, tables["r_user"][rows]), x_items, model.score_vector)
+        gates = topk_gates(torch.softmax(model.router.all_pairs(z[rows], z[model.n_users:]), dim=-1), model.top_k)
+        yield slice(lo, lo + rows.numel()), y, gates
+
+
+def routing_parts(model) -> tuple[dict, torch.Tensor]:
+    """({name: users -> scores} with the Top-K gates averaged per user, per item or uniform; the per-item
+    mean gates [I, E]) of a MAGNET in eval mode with a router (``--routing``)."""
+    if not model.use_moe:
+        raise ValueError("this run has moe: false, so there is no router to decompose")
+    tables = model.encode()
+    all_users = torch.arange(model.n_users)
+    user_mean, item_sum = torch.empty(model.n_users, model.n_experts), 0
+    for rows, _, gates in expert_scores_and_gates(model, tables, all_users):
+        user_mean[rows] = gates.mean(1)
+        item_sum = item_sum + gates.sum(0)
+    item_mean = item_sum / model.n_users
+
+    def mixed(users, gates_of):
+        out = torch.empty(users.numel(), model.n_items)
+        for rows, y, _ in expert_scores_and_gates(model, tables, users):
+            out[rows] = (gates_of(users[rows]) * y).sum(-1)
+        return out
+
+    uniform = torch.full((1, 1, model.n_experts), 1.0 / model.n_experts)
+    return {"full": lambda users: model.full_sort_predict({"users": users}),
+            "user-mean gates": lambda users: mixed(users, lambda u: user_mean[u].unsqueeze(1)),
+            "item-mean gates": lambda users: mixed(users, lambda u: item_mean.unsqueeze(0)),
+            "uniform gates": lambda users: mixed(users, lambda u: uniform)}, item_mean
+
+
+def gates_by_popularity(item_gates: torch.Tensor, behaviour_weight: torch.Tensor, popularity: np.ndarray,
+                        edges=POPULARITY_EDGES) -> list[tuple[str, int, float, list[float]]]:
+    """(bucket, items, mean behaviour gain sum_e g_e (w^B_e)^2, mean gate per expert) per training-popularity
+    bucket of the items, from each item's gates averaged over the users [I, E]."""
+    bucket = np.searchsorted(np.asarray(edges), popularity, side="right") - 1
+    gain = (item_gates * behaviour_weight.pow(2)).sum(-1)
+    out = []
+    for b, lo in enumerate(edges):
+        name = f"[{lo},{edges[b + 1]})" if b + 1 < len(edges) else f"[{lo},inf)"
+        mask = torch.as_tensor(bucket == b)
+        if mask.any():
+            out.append((name, int(mask.sum()), float(gain[mask].mean()), item_gates[mask].mean(0).tolist()))
+    return out
+
+
 def hits_by_popularity(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix, train: sp.csr_matrix,
                        edges=POPULARITY_EDGES) -> list[tuple[str, int, float]]:
     """(bucket, pairs, hit rate) per training-popularity bucket of the target items: a pair (u, i) of
@@ -125,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--popularity", action="store_true",
                    help="hit rate @K by the target item's training popularity (any model's run)")
+    p.add_argument("--routing", action="store_true",
+                   help="rank with the gates averaged per user / per item / uniform; gates by item popularity")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="the split of --popularity")
     a = p.parse_args(argv)
     cfg_path, weights = a.run_dir / "config.yaml", a.run_dir / "best.pth"
@@ -132,8 +196,9 @@ def main(argv=None) -> int:
         if not path.exists():
             p.error(f"{path} is missing: give the output folder of a finished run")
     saved = yaml_load(cfg_path.read_text())
-    if saved.get("model") != "MAGNET" and not a.popularity:
-        p.error(f"{cfg_path}: model is {saved.get('model')!r}; the parts are MAGNET's (--popularity reads any run)")
+    if saved.get("model") != "MAGNET" and (a.routing or not a.popularity):
+        p.error(f"{cfg_path}: model is {saved.get('model')!r}; the parts and the routing are MAGNET's "
+                "(--popularity reads any run)")
     skip = ("model", "dataset", "hyper_parameters", "device")
     config = load_config(saved["model"], saved["dataset"], {k: v for k, v in saved.items() if k not in skip})
     ensure_generated(config)
@@ -153,6 +218,17 @@ def main(argv=None) -> int:
                     print(f"{a.run_dir}: {saved['model']}, best epoch {state.get('epoch')}; {a.split} hit rate @{a.k} by "
                           f"the target item's training interactions (pairs per bucket: {counts})")
                 print(line)
+            return 0
+        if a.routing:
+            parts, item_gates = routing_parts(model)
+            print(f"{a.run_dir}: best epoch {state.get('epoch')}; {a.split} split")
+            for name, score in parts.items():
+                print(_popularity_report(name, _Scorer(model, score), dataset, a.split, a.k)[0])
+            popularity = np.asarray(dataset.train_matrix.sum(axis=0)).ravel()
+            print(f"mean gates per item-popularity bucket ({', '.join(model.expert_names)}) and the behaviour gain "
+                  "sum_e g_e (w^B_e)^2:")
+            for name, items, gain, gates in gates_by_popularity(item_gates, model.expert_weights()[:, 0], popularity):
+                print(f"{name:10s} {items:6d} items  gain {gain:.3f}  gates " + " ".join(f"{g:.3f}" for g in gates))
             return 0
         tables = model.encode()
         rows = torch.cat([tables["r_user"], tables["r_item"]])
