@@ -184,17 +184,18 @@ class ExpertHeads(nn.Module):
 
 
 class Router(nn.Module):
-    """pi = softmax(Router([z_u; z_i])) (Eqs. 16-17); ``linear`` or a one-hidden-layer ``mlp``.
-    The first layer is split into a user half and an item half, so full ranking never forms [z_u; z_i]."""
+    """pi = softmax(Router(q)) (Eqs. 16-17); ``linear`` or a one-hidden-layer ``mlp``.  The query is Eq. 16's
+    q = [z_u; z_i] (``query="concat"``), whose first layer splits into a user half and an item half, so full
+    ranking never forms q; or q = z_u * z_i (``query="product"``: a bilinear form per expert for the linear
+    router, so the gates condition on the pair and carry no additive item term)."""
 
-    def __init__(self, kind: str, dim: int, n_experts: int):
+    def __init__(self, kind: str, dim: int, n_experts: int, query: str = "concat"):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise ValueError(f"unknown router {kind!r}; use linear or mlp")
-        self.kind = kind
-        self.first = nn.Linear(2 * dim, dim if kind == "mlp" else n_experts)
+        self.kind, self.dim, self.product = kind, dim, query == "product"
+        self.first = nn.Linear(dim if self.product else 2 * dim, dim if kind == "mlp" else n_experts)
         self.second = nn.Linear(dim, n_experts) if kind == "mlp" else None
-        self.dim = dim
 
     def user_half(self, zu: torch.Tensor) -> torch.Tensor:
         """First-layer pre-activation of the user half of [z_u; z_i], with the bias."""
@@ -206,12 +207,15 @@ class Router(nn.Module):
 
     def pair(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
         """Logits [B, E] for aligned rows of z_u, z_i."""
-        h = self.first(torch.cat([zu, zi], dim=-1))
+        h = self.first(zu * zi if self.product else torch.cat([zu, zi], dim=-1))
         return self.second(torch.relu(h)) if self.second is not None else h
 
     def all_pairs(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
         """Logits [U, I, E] for every user x item pair of a block."""
-        h = self.user_half(zu).unsqueeze(1) + self.item_half(zi).unsqueeze(0)
+        if self.product:
+            h = torch.einsum("ud,id,hd->uih", zu, zi, self.first.weight) + self.first.bias
+        else:
+            h = self.user_half(zu).unsqueeze(1) + self.item_half(zi).unsqueeze(0)
         return self.second(torch.relu(h)) if self.second is not None else h
 
 
@@ -254,7 +258,7 @@ class MAGNET(GeneralRecommender):
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
         "expert_head": ("in", ExpertHeads.KINDS), "expert_init": ("in", ("default", "identity")),
         "router": ("in", ("linear", "mlp")), "router_grad": ("in", ("full", "detach")), "K": (">=", 1),
-        "router_input": ("in", ("raw", "l2", "user")),
+        "router_input": ("in", ("raw", "l2", "user", "product")),
         "dropout": ("between", (0, 0.99)),
         "routing_schedule": ("in", SCHEDULES), "stage_weights": ("in", STAGE_WEIGHTS),
         "entropy_threshold": (">=", 0), "trigger_window": (">=", 1), "lambda_r": (">=", 0),
@@ -398,13 +402,14 @@ class MAGNET(GeneralRecommender):
         else:  # templates: free ("w/o Templates"): each expert learns its own softmax mixture
             self.template_logits = nn.Parameter(torch.zeros(self.n_experts, 3))
         self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
-        self.router = Router(str(cfg["router"]), d, self.n_experts) if self.use_moe else None
-        self.router_grad = str(cfg["router_grad"])
         # router_input l2: q = [z_u / |z_u|; z_i / |z_i|], so the gates read directions, not norms: with raw z
         # the item half can key on |z_i| (which grows with popularity) and route tail items to experts with
         # a small behaviour share, whose scores are near 0 (docs/magnet.md); user: q = [z_u; 0], one mixture
-        # per user, so the gates cannot rank items at all
+        # per user, so the gates cannot rank items at all; product: q = z_u * z_i, gates conditioned on the pair
         self.router_input = str(cfg.get("router_input", "raw"))
+        self.router = Router(str(cfg["router"]), d, self.n_experts,
+                             "product" if self.router_input == "product" else "concat") if self.use_moe else None
+        self.router_grad = str(cfg["router_grad"])
         self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
         self._sampled_views: dict = {}
@@ -717,7 +722,7 @@ class MAGNET(GeneralRecommender):
 
     def full_sort_predict(self, interaction: dict[str, torch.Tensor]) -> torch.Tensor:
         users = interaction["users"]
-        if self.use_moe and self.router.kind == "linear" and (
+        if self.use_moe and self.router.kind == "linear" and not self.router.product and (
                 not self.heads.use_mlp or (users.device.type == "cpu" and native.available())):
             return self._rank_planes(users)
         tables = self.cached("tables", self.encode)
@@ -726,7 +731,8 @@ class MAGNET(GeneralRecommender):
         xu = self.expert_inputs(w, tables["r_user"][users])
         z = tables["z_router"]
         zu, zi = z[users], z[self.n_users:]
-        per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1)
+        router_width = self.embedding_size if self.use_moe and (self.router.kind == "mlp" or self.router.product) else 0
+        per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1) + router_width  # floats
         item_block = max(1, self.score_block_budget // max(users.numel() * per_pair, 1))
         scores = torch.empty(users.numel(), self.n_items, device=z.device)
         for lo in range(0, self.n_items, item_block):

@@ -294,29 +294,37 @@ def test_view_share_weights_the_two_views(make):
 def test_router_input_l2_routes_on_directions_only(make):
     """router_input l2: the router reads q = [z_u / |z_u|; z_i / |z_i|] (Eq. 16 on row-normalised z; raw: z
     itself), so an item's gates do not depend on its norm; full ranking still equals pairwise scoring."""
-    for mode in ("raw", "l2", "user"):
+    for mode in ("raw", "l2", "user", "product"):
         m = make(router_input=mode, dropout=0.0)
         m.eval()
         with torch.no_grad():
             t = m.encode()
         n_u = m.n_users
-        expected = {"raw": t["z"], "l2": F.normalize(t["z"], dim=-1),
+        expected = {"raw": t["z"], "product": t["z"], "l2": F.normalize(t["z"], dim=-1),
                     "user": torch.cat([t["z"][:n_u], torch.zeros_like(t["z"][n_u:])])}[mode]
         torch.testing.assert_close(t["z_router"], expected)
         if mode == "user":  # one mixture per user: the same gates for every item
             with torch.no_grad():
                 _, pi, _ = m.score_pairs(t, torch.tensor([4, 4, 4]), torch.tensor([0, 3, 7]))
             torch.testing.assert_close(pi, pi[:1].expand_as(pi))
+        if mode == "product":  # Eq. 16 on q = z_u * z_i: logits W (z_u * z_i) + b, no additive item term
+            users, items = torch.tensor([4, 1]), torch.tensor([0, 7])
+            with torch.no_grad():
+                _, pi, _ = m.score_pairs(t, users, items)
+                zu, zi = t["z"][users], t["z"][n_u + items]
+                expected_pi = torch.softmax((zu * zi) @ m.router.first.weight.T + m.router.first.bias, -1)
+            torch.testing.assert_close(pi, expected_pi)
     users = torch.tensor([0, 1, 2])
-    m = make(router_input="l2", dropout=0.0)
-    m.eval()
-    with torch.no_grad():
-        m.start_evaluation()
-        full = m.full_sort_predict({"users": users})
-        m.end_evaluation()
-        t = m.encode()
-        pair, _, _ = m.score_pairs(t, users.repeat_interleave(m.n_items), torch.arange(m.n_items).repeat(3))
-    torch.testing.assert_close(full, pair.view(3, m.n_items), atol=1e-5, rtol=1e-5)
+    for mode, router in (("l2", "linear"), ("product", "linear"), ("product", "mlp")):
+        m = make(router_input=mode, router=router, dropout=0.0)
+        m.eval()
+        with torch.no_grad():
+            m.start_evaluation()
+            full = m.full_sort_predict({"users": users})
+            m.end_evaluation()
+            t = m.encode()
+            pair, _, _ = m.score_pairs(t, users.repeat_interleave(m.n_items), torch.arange(m.n_items).repeat(3))
+        torch.testing.assert_close(full, pair.view(3, m.n_items), atol=1e-5, rtol=1e-5)
 
 
 def test_router_grad_detach_keeps_routing_gradient_out_of_z(make):
