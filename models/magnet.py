@@ -725,6 +725,15 @@ class MAGNET(GeneralRecommender):
         if self.use_moe and self.router.kind == "linear" and not self.router.product and (
                 not self.heads.use_mlp or (users.device.type == "cpu" and native.available())):
             return self._rank_planes(users)
+        scores = torch.empty(users.numel(), self.n_items, device=users.device)
+        for items, y_experts, gates in self.expert_blocks(users):
+            scores[:, items] = (gates * y_experts).sum(-1) if gates is not None else y_experts[..., 0]  # Eqs. 19-21
+        return self._with_behaviour_residual(scores, self.cached("tables", self.encode), users)
+
+    def expert_blocks(self, users: torch.Tensor):
+        """The general full-ranking path before the mix, over item blocks: (item slice, expert scores
+        v^T s^(e) [users, items, E], Top-K gates [users, items, E] or None without a router).  v^T is
+        linear, so Eq. 21's score is sum_e g_e v^T s^(e)."""
         tables = self.cached("tables", self.encode)
         w = self.expert_weights()
         x_items = self.cached("x_items", lambda: self.expert_inputs(w, tables["r_item"]))  # [I, E, d]
@@ -734,16 +743,12 @@ class MAGNET(GeneralRecommender):
         router_width = self.embedding_size if self.use_moe and (self.router.kind == "mlp" or self.router.product) else 0
         per_pair = self.n_experts * (self.embedding_size if self.heads.use_mlp else 1) + router_width  # floats
         item_block = max(1, self.score_block_budget // max(users.numel() * per_pair, 1))
-        scores = torch.empty(users.numel(), self.n_items, device=z.device)
         for lo in range(0, self.n_items, item_block):
             hi = min(lo + item_block, self.n_items)
             y_experts = self.heads.all_pairs(xu, x_items[lo:hi], self.score_vector)  # v^T s^(e): [U, I, E]
-            if self.use_moe:
-                gates = topk_gates(torch.softmax(self.router.all_pairs(zu, zi[lo:hi]), dim=-1), self.top_k)
-                scores[:, lo:hi] = (gates * y_experts).sum(-1)  # Eqs. 19-21 (v^T is linear)
-            else:
-                scores[:, lo:hi] = y_experts[..., 0]
-        return self._with_behaviour_residual(scores, tables, users)
+            gates = (topk_gates(torch.softmax(self.router.all_pairs(zu, zi[lo:hi]), dim=-1), self.top_k)
+                     if self.use_moe else None)
+            yield slice(lo, hi), y_experts, gates
 
     def _with_behaviour_residual(self, scores: torch.Tensor, tables: dict, users: torch.Tensor) -> torch.Tensor:
         """``behaviour_residual``: scores + beta <z_u, z_i> for every item (in place)."""

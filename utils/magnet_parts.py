@@ -40,7 +40,6 @@ from mmrec.data import RecDataset
 from mmrec.data.sources import ensure_generated
 from mmrec.evaluation import evaluate
 from mmrec.registry import get_model
-from models.magnet import topk_gates
 
 
 class _Scorer(torch.nn.Module):
@@ -95,20 +94,7 @@ def _without_cues(model, users):
 
 
 POPULARITY_EDGES = (0, 3, 6, 11, 21, 41)  # bucket lower edges: [0, 3), [3, 6), ..., [41, inf)
-
-
-def expert_scores_and_gates(model, tables, users: torch.Tensor, block_budget: int = 1 << 24):
-    """Yield (user rows, expert scores v^T s^(e) [b, I, E], Top-K gates [b, I, E]) over blocks of ``users``
-    (the general full-ranking path of Eqs. 10-21, without the mixing)."""
-    w = model.expert_weights()
-    x_items = model.expert_inputs(w, tables["r_item"])
-    z = tables["z_router"]
-    step = max(1, block_budget // max(model.n_items * model.n_experts, 1))
-    for lo in range(0, users.numel(), step):
-        rows = users[lo:lo + step]
-        y = model.heads.all_pairs(model.expert_inputs(w, tables["r_user"][rows]), x_items, model.score_vector)
-        gates = topk_gates(torch.softmax(model.router.all_pairs(z[rows], z[model.n_users:]), dim=-1), model.top_k)
-        yield slice(lo, lo + rows.numel()), y, gates
+USER_BLOCK = 256  # users per pass of --routing's gate averages
 
 
 def routing_parts(model) -> tuple[dict, torch.Tensor]:
@@ -116,25 +102,27 @@ def routing_parts(model) -> tuple[dict, torch.Tensor]:
     mean gates [I, E]) of a MAGNET in eval mode with a router (``--routing``)."""
     if not model.use_moe:
         raise ValueError("this run has moe: false, so there is no router to decompose")
-    tables = model.encode()
-    all_users = torch.arange(model.n_users)
-    user_mean, item_sum = torch.empty(model.n_users, model.n_experts), 0
-    for rows, _, gates in expert_scores_and_gates(model, tables, all_users):
-        user_mean[rows] = gates.mean(1)
-        item_sum = item_sum + gates.sum(0)
-    item_mean = item_sum / model.n_users
+    user_mean, item_mean = torch.zeros(model.n_users, model.n_experts), torch.zeros(model.n_items, model.n_experts)
+    model.start_evaluation()  # one encode for the whole pass
+    try:
+        for users in torch.arange(model.n_users).split(USER_BLOCK):
+            for items, _, gates in model.expert_blocks(users):  # gates [users, items, E]
+                user_mean[users] += gates.sum(1) / model.n_items
+                item_mean[items] += gates.sum(0) / model.n_users
+    finally:
+        model.end_evaluation()
 
     def mixed(users, gates_of):
         out = torch.empty(users.numel(), model.n_items)
-        for rows, y, _ in expert_scores_and_gates(model, tables, users):
-            out[rows] = (gates_of(users[rows]) * y).sum(-1)
+        for items, y, _ in model.expert_blocks(users):
+            out[:, items] = (gates_of(users, items) * y).sum(-1)
         return out
 
     uniform = torch.full((1, 1, model.n_experts), 1.0 / model.n_experts)
     return {"full": lambda users: model.full_sort_predict({"users": users}),
-            "user-mean gates": lambda users: mixed(users, lambda u: user_mean[u].unsqueeze(1)),
-            "item-mean gates": lambda users: mixed(users, lambda u: item_mean.unsqueeze(0)),
-            "uniform gates": lambda users: mixed(users, lambda u: uniform)}, item_mean
+            "user-mean gates": lambda users: mixed(users, lambda u, i: user_mean[u].unsqueeze(1)),
+            "item-mean gates": lambda users: mixed(users, lambda u, i: item_mean[i].unsqueeze(0)),
+            "uniform gates": lambda users: mixed(users, lambda u, i: uniform)}, item_mean
 
 
 def gates_by_popularity(item_gates: torch.Tensor, behaviour_weight: torch.Tensor, popularity: np.ndarray,
