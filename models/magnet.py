@@ -267,6 +267,7 @@ class MAGNET(GeneralRecommender):
         "fixed_switch_epoch": (">=", 0), "lambda_ctr": (">=", 0), "tau": (">", 0), "embedding_reg": (">=", 0),
         "weight_decay_on": ("in", ("all", "non_embedding")),
         "embedding_lr_scale": (">=", 0), "routing_trace_every": (">=", 0), "head_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0),
+        "router_lr_scale": (">=", 0),
     }
 
     @classmethod
@@ -322,7 +323,8 @@ class MAGNET(GeneralRecommender):
         self.lr_scale = {prefix: float(cfg[key]) for key, prefixes in (
             ("embedding_lr_scale", ("user_embedding", "item_embedding")),
             ("head_lr_scale", ("heads", "score_vector")),
-            ("cue_lr_scale", ("image_proj", "text_proj"))) for prefix in prefixes}
+            ("cue_lr_scale", ("image_proj", "text_proj")),
+            ("router_lr_scale", ("router.",))) for prefix in prefixes}
         self._build_views(cfg)
 
         # modality cues (Eqs. 7-8): f_m linear; user cue = row-normalised R_train times H^m

@@ -368,6 +368,10 @@ def test_lr_scale_groups(make):
     assert by_param[id(m.router.first.weight)]["lr"] == pytest.approx(1e-3)
     assert by_param[id(m.router.first.weight)]["weight_decay"] == pytest.approx(1e-4)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
+    slow_router = make(router_lr_scale=0.1)
+    by_param = {id(p): g for g in build_optimizer(slow_router.config, slow_router).param_groups for p in g["params"]}
+    assert by_param[id(slow_router.router.first.weight)]["lr"] == pytest.approx(1e-4)
+    assert by_param[id(slow_router.router.first.bias)]["lr"] == pytest.approx(1e-4)
 
 
 def test_cue_centering_centres_the_item_cues_and_keeps_eq_8(make):
