@@ -229,9 +229,9 @@ class MAGNET(GeneralRecommender):
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     fanout_resample_steps, fixed_switch_epoch, head_lr_scale, induced_edge_scale, induced_edge_weight,
     item_graph_image_weight, item_graph_layers, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
-    router, router_grad, router_input, routing_schedule, routing_trace_every, seed, smoothing_steps,
+    router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed, smoothing_steps,
     stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates, trigger_window, user_cue_target,
-    view, view_fusion, weight_decay_on."""
+    view, view_fusion, view_share, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: the stage controller's buffers were ctl_* on the model before it became its own module
     renamed_parameters = {**GeneralRecommender.renamed_parameters, "ctl_": "controller."}
