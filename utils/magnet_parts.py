@@ -1,6 +1,6 @@
 """What does each part of a trained MAGNET score contribute?
 
-    python -m utils.magnet_parts RUN_DIR [--k 20] [--popularity] [--split test]
+    python -m utils.magnet_parts RUN_DIR [--k 20] [--popularity | --routing] [--split test]
 
 RUN_DIR is the output folder of a MAGNET run (config.yaml and best.pth). The best epoch's weights are
 ranked on the validation and test splits (training items masked, as the trainer does) by:
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                    help="hit rate @K by the target item's training popularity (any model's run)")
     p.add_argument("--routing", action="store_true",
                    help="rank with the gates averaged per user / per item / uniform; gates by item popularity")
-    p.add_argument("--split", default="test", choices=("valid", "test"), help="the split of --popularity")
+    p.add_argument("--split", default="test", choices=("valid", "test"), help="the split of --popularity and --routing")
     a = p.parse_args(argv)
     cfg_path, weights = a.run_dir / "config.yaml", a.run_dir / "best.pth"
     for path in (cfg_path, weights):
