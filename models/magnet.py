@@ -519,10 +519,9 @@ class MAGNET(GeneralRecommender):
         out = {"z_ui": z_ui, "z_uig": None, "z": z_ui, "n_users": self.n_users if users is None else users.numel()}
         if views["uig"] is not None:
             z_uig = graph.propagate(views["uig"], ego, self.n_layers, rows=rows)
-            out.update(z_uig=z_uig, z=(1.0 - self.view_share) * z_ui + self.view_share * z_uig)  # Eq. 6 at 0.5
-            if hasattr(self, "fusion_slope"):  # view_fusion: degree_gate
-                a = self.fusion_share(rows)
-                out["z"] = z_ui + a.unsqueeze(1) * (z_uig - z_ui)
+            # Eq. 6 (view_share 0.5: the mean, exactly); view_fusion degree_gate: a per node
+            a = self.fusion_share(rows).unsqueeze(1) if hasattr(self, "fusion_slope") else self.view_share
+            out.update(z_uig=z_uig, z=(1.0 - a) * z_ui + a * z_uig)
         if self.item_graph is not None:  # item_graph_layers: z_i + S^L e_i (the extension above)
             n_u = self.n_users if users is None else users.numel()
             smoothed = graph.propagate(self.item_graph, self.item_embedding.weight, self.item_graph_layers, "last",
@@ -730,7 +729,7 @@ class MAGNET(GeneralRecommender):
         scores = torch.empty(users.numel(), self.n_items, device=users.device)
         for items, y_experts, gates in self.expert_blocks(users):
             scores[:, items] = (gates * y_experts).sum(-1) if gates is not None else y_experts[..., 0]  # Eqs. 19-21
-        return self._with_behaviour_residual(scores, self.cached("tables", self.encode), users)
+        return self._with_behaviour_residual(scores, users)
 
     def expert_blocks(self, users: torch.Tensor):
         """The general full-ranking path before the mix, over item blocks: (item slice, expert scores
@@ -752,10 +751,10 @@ class MAGNET(GeneralRecommender):
                      if self.use_moe else None)
             yield slice(lo, hi), y_experts, gates
 
-    def _with_behaviour_residual(self, scores: torch.Tensor, tables: dict, users: torch.Tensor) -> torch.Tensor:
+    def _with_behaviour_residual(self, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """``behaviour_residual``: scores + beta <z_u, z_i> for every item (in place)."""
         if self.behaviour_residual:
-            z = tables["z"]
+            z = self.cached("tables", self.encode)["z"]
             scores.addmm_(z[users], z[self.n_users:].T, alpha=self.behaviour_residual)
         return scores
 
@@ -824,7 +823,7 @@ class MAGNET(GeneralRecommender):
             scores[rows, at:at + item_logits.shape[1]] = topk_softmax_mix(
                 self.block_expert_scores(parts, rows, item_parts), parts["user_logits"][:, rows], item_logits,
                 self.top_k)
-        return self._with_behaviour_residual(scores, self.cached("tables", self.encode), users)
+        return self._with_behaviour_residual(scores, users)
 
     # -- reporting -------------------------------------------------------------------------------
     def epoch_stats(self) -> dict[str, float]:

@@ -125,19 +125,20 @@ def routing_parts(model) -> tuple[dict, torch.Tensor]:
             "uniform gates": lambda users: mixed(users, lambda u, i: uniform)}, item_mean
 
 
+def popularity_buckets(popularity: np.ndarray, edges=POPULARITY_EDGES):
+    """Yield (bucket name "[lo,hi)", boolean mask of the entries whose popularity falls in it) per bucket."""
+    bucket = np.searchsorted(np.asarray(edges), popularity, side="right") - 1
+    for b, lo in enumerate(edges):
+        yield (f"[{lo},{edges[b + 1]})" if b + 1 < len(edges) else f"[{lo},inf)"), bucket == b
+
+
 def gates_by_popularity(item_gates: torch.Tensor, behaviour_weight: torch.Tensor, popularity: np.ndarray,
                         edges=POPULARITY_EDGES) -> list[tuple[str, int, float, list[float]]]:
     """(bucket, items, mean behaviour gain sum_e g_e (w^B_e)^2, mean gate per expert) per training-popularity
     bucket of the items, from each item's gates averaged over the users [I, E]."""
-    bucket = np.searchsorted(np.asarray(edges), popularity, side="right") - 1
     gain = (item_gates * behaviour_weight.pow(2)).sum(-1)
-    out = []
-    for b, lo in enumerate(edges):
-        name = f"[{lo},{edges[b + 1]})" if b + 1 < len(edges) else f"[{lo},inf)"
-        mask = torch.as_tensor(bucket == b)
-        if mask.any():
-            out.append((name, int(mask.sum()), float(gain[mask].mean()), item_gates[mask].mean(0).tolist()))
-    return out
+    return [(name, int(mask.sum()), float(gain[mask].mean()), item_gates[mask].mean(0).tolist())
+            for name, mask in ((n, torch.as_tensor(m)) for n, m in popularity_buckets(popularity, edges)) if mask.any()]
 
 
 def hits_by_popularity(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix, train: sp.csr_matrix,
@@ -149,14 +150,8 @@ def hits_by_popularity(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix,
     listed = sp.csr_matrix((np.ones(top.size, dtype=np.int8), (np.repeat(np.arange(len(users)), top.shape[1]),
                                                                 top.ravel())), shape=held_out.shape)
     hit = np.asarray(listed[held_out.row, held_out.col]).ravel() > 0
-    target = popularity[held_out.col]
-    bucket = np.searchsorted(np.asarray(edges), target, side="right") - 1
-    out = []
-    for b, lo in enumerate(edges):
-        name = f"[{lo},{edges[b + 1]})" if b + 1 < len(edges) else f"[{lo},inf)"
-        mask = bucket == b
-        out.append((name, int(mask.sum()), float(hit[mask].mean()) if mask.any() else float("nan")))
-    return out
+    return [(name, int(mask.sum()), float(hit[mask].mean()) if mask.any() else float("nan"))
+            for name, mask in popularity_buckets(popularity[held_out.col], edges)]
 
 
 def _popularity_report(name: str, scorer, dataset, split: str, k: int) -> tuple[str, list]:
