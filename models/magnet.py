@@ -228,7 +228,7 @@ class MAGNET(GeneralRecommender):
     cue_init, cue_input, cue_lr_scale, delta, dropout, embedding_lr_scale, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     fanout_resample_steps, fixed_switch_epoch, head_lr_scale, induced_edge_scale, induced_edge_weight,
-    item_graph_image_weight, item_graph_layers, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
+    item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
     router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed, smoothing_steps,
     stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates, trigger_window, user_cue_target,
     view, view_fusion, view_share, weight_decay_on."""
@@ -252,6 +252,7 @@ class MAGNET(GeneralRecommender):
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
         "cue_bpr": ("in", ("none", "cue", "behaviour")), "cue_bpr_weight": (">=", 0),
         "item_graph_layers": (">=", 0), "item_graph_image_weight": ("between", (0, 1)),
+        "item_graph_norm": ("in", ("none", "l2")),
         "behaviour_residual": (">=", 0),
         "templates": ("in", ("fixed", "free")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
         "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
@@ -368,8 +369,10 @@ class MAGNET(GeneralRecommender):
         self.behaviour_residual = float(cfg.get("behaviour_residual", 0.0) or 0.0)
         # item_graph_layers L > 0 (an extension, not in the paper): the items' behaviour representation gains
         # S^L e_i, the ID embeddings smoothed over the frozen modality kNN graph S = w S_v + (1 - w) S_t
-        # (FREEDOM's item-item branch; KNN-BIN, k = knn_k, w = item_graph_image_weight)
+        # (FREEDOM's item-item branch; KNN-BIN, k = knn_k, w = item_graph_image_weight); item_graph_norm l2
+        # adds it row-normalised, S^L e_i / |S^L e_i| (LATTICE's form: a unit-norm content term)
         self.item_graph_layers = int(cfg.get("item_graph_layers", 0) or 0)
+        self.item_graph_norm = str(cfg.get("item_graph_norm", "none"))
         self.item_graph = None
         if self.item_graph_layers > 0:
             w, k = float(cfg.get("item_graph_image_weight", 0.1)), int(cfg["knn_k"])
@@ -526,6 +529,8 @@ class MAGNET(GeneralRecommender):
             n_u = self.n_users if users is None else users.numel()
             smoothed = graph.propagate(self.item_graph, self.item_embedding.weight, self.item_graph_layers, "last",
                                        rows=items)
+            if self.item_graph_norm == "l2":
+                smoothed = F.normalize(smoothed, dim=-1)
             out["z"] = torch.cat([out["z"][:n_u], out["z"][n_u:] + smoothed])
         h_item_a, h_user_a = self._cues(self.image_proj, self.v_feat, users, items, "v")  # Eqs. 7-8
         h_item_s, h_user_s = self._cues(self.text_proj, self.t_feat, users, items, "t")

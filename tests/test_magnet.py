@@ -516,6 +516,23 @@ def test_hits_by_popularity_by_hand():
     assert out == [("[0,1)", 3, pytest.approx(1 / 3)), ("[1,3)", 2, 1.0), ("[3,inf)", 0, pytest.approx(float("nan"), nan_ok=True))]
 
 
+def test_induced_edge_quality_by_hand():
+    """utils.magnet_parts --induced: E+ against held-out pairs (precision, recall, hub share, popularity)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from utils.magnet_parts import induced_edge_quality
+
+    train = sp.csr_matrix(np.array([[1, 1, 0, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]]))  # pop 2, 1, 0...
+    truth = sp.csr_matrix(np.array([[0, 0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]]))
+    users, items = np.array([0, 0, 1, 1]), np.array([2, 4, 2, 1])  # hits (0, 2), (1, 2); (0, 3) not induced
+    q = induced_edge_quality(users, items, truth, train)
+    assert q["edges"] == 4 and q["precision"] == 0.5 and q["recall"] == pytest.approx(2 / 3)
+    assert q["top10_share"] == 0.5  # the 10% most-induced items = item 2, with 2 of the 4 edges
+    assert q["items_without"] == 0.7  # 7 of 10 items have no induced edge
+    assert q["induced_popularity"] == pytest.approx(1 / 4) and q["catalogue_popularity"] == pytest.approx(0.3)
+
+
 def test_score_parts_rank_by_the_parts_they_name(make):
     """utils.magnet_parts: 'full' is the model's ranking score, 'z dot' the fused backbone's dot product,
     'cue similarity' the two cue dot products (what the tool's table attributes to each part)."""
@@ -681,6 +698,13 @@ def test_item_graph_layers_adds_the_knn_smoothed_item_ids(make):
         users, items = torch.tensor([0, 2]), torch.tensor([1, 4, 6])
         rows = on.encode(users, items)
         torch.testing.assert_close(rows["z"][2:], t_on["z"][n_u + items], atol=1e-5, rtol=1e-5)
+        unit = make(dropout=0.0, item_graph_layers=2, item_graph_image_weight=0.3, item_graph_norm="l2")
+        unit.load_state_dict(off.state_dict())
+        unit.eval()
+        smoothed = s @ (s @ e)  # item_graph_norm l2: z_i + S^L e_i / |S^L e_i|
+        torch.testing.assert_close(unit.encode()["z"][n_u:], t_off["z"][n_u:] + smoothed / smoothed.norm(dim=1, keepdim=True),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unit.encode(users, items)["z"][2:], unit.encode()["z"][n_u + items], atol=1e-5, rtol=1e-5)
 
 
 def test_cue_form_purified_knn_smooths_content_gated_item_ids(make):

@@ -1,6 +1,6 @@
 """What does each part of a trained MAGNET score contribute?
 
-    python -m utils.magnet_parts RUN_DIR [--k 20] [--popularity | --routing] [--split test]
+    python -m utils.magnet_parts RUN_DIR [--k 20] [--popularity | --routing | --induced] [--split test]
 
 RUN_DIR is the output folder of a MAGNET run (config.yaml and best.pth). The best epoch's weights are
 ranked on the validation and test splits (training items masked, as the trainer does) by:
@@ -22,6 +22,12 @@ routing puts on the <z_u, z_i> part of the score) are printed.
 number of training interactions (buckets POPULARITY_EDGES), and the mean training popularity of the
 top-K lists: where in the catalogue a score finds its hits.  RUN_DIR may then be any model's run (its own
 score only), so a baseline's buckets can be read beside MAGNET's.
+
+``--induced``: how well the content-induced edges E+ of the run's config (Eqs. 1-3, built from the training
+split) anticipate the split's held-out pairs: the share of induced edges that are held-out pairs
+(precision), the share of held-out pairs that are induced edges (recall), the share of E+ taken by the 10%
+of items with the most induced edges (hubs) and the items with none, and the mean training popularity of
+the induced items against the catalogue's.  Reads config.yaml only (no weights needed).
 """
 from __future__ import annotations
 
@@ -154,6 +160,23 @@ def hits_by_popularity(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix,
             for name, mask in popularity_buckets(popularity[held_out.col], edges)]
 
 
+def induced_edge_quality(users: np.ndarray, items: np.ndarray, truth: sp.csr_matrix, train: sp.csr_matrix) -> dict:
+    """E+ (``users[e]``, ``items[e]``) against the held-out pairs ``truth``: precision, recall, the share of E+ on
+    the 10% most-induced items, the share of items with no induced edge, mean training popularity of the induced
+    items and of the catalogue."""
+    n_items = train.shape[1]
+    truth = sp.csr_matrix(truth)
+    hit = np.asarray(truth[users, items]).ravel() > 0
+    per_item = np.sort(np.bincount(items, minlength=n_items))[::-1]
+    popularity = np.asarray(train.sum(axis=0)).ravel()
+    return {"edges": int(users.size), "precision": float(hit.mean()) if hit.size else 0.0,
+            "recall": float(hit.sum() / max(truth.nnz, 1)),
+            "top10_share": float(per_item[: max(n_items // 10, 1)].sum() / max(per_item.sum(), 1)),
+            "items_without": float(np.mean(per_item == 0)),
+            "induced_popularity": float(popularity[items].mean()) if items.size else 0.0,
+            "catalogue_popularity": float(popularity.mean())}
+
+
 def _popularity_report(name: str, scorer, dataset, split: str, k: int) -> tuple[str, list]:
     res = evaluate(scorer, dataset, split, [k], keep_topk=k)
     top = np.asarray(res["topk"])
@@ -172,20 +195,33 @@ def main(argv=None) -> int:
                    help="hit rate @K by the target item's training popularity (any model's run)")
     p.add_argument("--routing", action="store_true",
                    help="rank with the gates averaged per user / per item / uniform; gates by item popularity")
-    p.add_argument("--split", default="test", choices=("valid", "test"), help="the split of --popularity and --routing")
+    p.add_argument("--induced", action="store_true",
+                   help="precision / recall of the config's induced edges E+ against the split's held-out pairs")
+    p.add_argument("--split", default="test", choices=("valid", "test"),
+                   help="the split of --popularity, --routing and --induced")
     a = p.parse_args(argv)
     cfg_path, weights = a.run_dir / "config.yaml", a.run_dir / "best.pth"
-    for path in (cfg_path, weights):
+    for path in (cfg_path,) if a.induced else (cfg_path, weights):
         if not path.exists():
             p.error(f"{path} is missing: give the output folder of a finished run")
     saved = yaml_load(cfg_path.read_text())
     if saved.get("model") != "MAGNET" and (a.routing or not a.popularity):
-        p.error(f"{cfg_path}: model is {saved.get('model')!r}; the parts and the routing are MAGNET's "
+        p.error(f"{cfg_path}: model is {saved.get('model')!r}; the parts, the routing and E+ are MAGNET's "
                 "(--popularity reads any run)")
     skip = ("model", "dataset", "hyper_parameters", "device")
     config = load_config(saved["model"], saved["dataset"], {k: v for k, v in saved.items() if k not in skip})
     ensure_generated(config)
     dataset = RecDataset(config)
+    if a.induced:
+        from models.magnet_graph import cached_induced_edges
+        induced = cached_induced_edges(dataset, int(config["knn_k"]), int(config["expansion_r"]),
+                                       str(config["candidate_score"]), float(config["candidate_popularity_discount"]))
+        q = induced_edge_quality(induced["users"], induced["items"], dataset.eval_matrix(a.split), dataset.train_matrix)
+        print(f"{a.run_dir}: E+ of knn_k {config['knn_k']}, expansion_r {config['expansion_r']} against the "
+              f"{a.split} pairs: {q['edges']} edges, precision {q['precision']:.4f}, recall {q['recall']:.4f}; "
+              f"10% most-induced items hold {q['top10_share']:.3f} of E+, {q['items_without']:.3f} of the items "
+              f"none; mean training popularity {q['induced_popularity']:.1f} (catalogue {q['catalogue_popularity']:.1f})")
+        return 0
     model = get_model(saved["model"])(config, dataset)
     state = torch.load(weights, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
