@@ -191,11 +191,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--k", type=int, default=20)
-    p.add_argument("--popularity", action="store_true",
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--popularity", action="store_true",
                    help="hit rate @K by the target item's training popularity (any model's run)")
-    p.add_argument("--routing", action="store_true",
+    mode.add_argument("--routing", action="store_true",
                    help="rank with the gates averaged per user / per item / uniform; gates by item popularity")
-    p.add_argument("--induced", action="store_true",
+    mode.add_argument("--induced", action="store_true",
                    help="precision / recall of the config's induced edges E+ against the split's held-out pairs")
     p.add_argument("--split", default="test", choices=("valid", "test"),
                    help="the split of --popularity, --routing and --induced")
