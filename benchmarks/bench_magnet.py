@@ -46,7 +46,7 @@ def _proc_kib(field: str) -> int:
 
 def build_child(dataset: str, cache_dir: str, data_path: str) -> dict:
     """Child process: load the dataset, reset the peak RSS, build (or load) E+, report time and peak."""
-    from models.magnet_graph import cached_induced_edges
+    from models.magnet_graph import config_induced_edges
 
     cfg = load_config("MAGNET", dataset, {"cache_dir": cache_dir, "data_path": data_path})
     ensure_generated(cfg)
@@ -59,7 +59,7 @@ def build_child(dataset: str, cache_dir: str, data_path: str) -> dict:
         pass
     base = _proc_kib("VmRSS")
     t0 = time.perf_counter()
-    edges = cached_induced_edges(ds, int(cfg["knn_k"]), int(cfg["expansion_r"]), str(cfg["candidate_score"]))
+    edges = config_induced_edges(ds, cfg)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_mib": (_proc_kib("VmHWM") - base) / 1024, "edges": int(edges["users"].size),
             "cache_hits": ds.cache.hits, "cache_misses": ds.cache.misses}

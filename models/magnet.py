@@ -39,7 +39,7 @@ from mmrec.layers import xavier_tables
 from mmrec.recommender import GeneralRecommender
 from models.magnet_routing import (SCHEDULES, STAGE_WEIGHTS, StageController, confidence_loss,  # noqa: F401
                                    coverage_loss, entropy, stage_weight_factors)
-from models.magnet_graph import FAMILIES, augmented_matrix, cached_induced_edges, sample_fanout, template_pool
+from models.magnet_graph import FAMILIES, augmented_matrix, config_induced_edges, sample_fanout, template_pool
 
 log = logging.getLogger("mmrec." + __name__)
 
@@ -444,9 +444,8 @@ class MAGNET(GeneralRecommender):
         self.graph_stats: dict = {"view": self.view}
         if self.view == "SV":
             return
-        k, r = int(cfg["knn_k"]), int(cfg["expansion_r"])
-        induced = cached_induced_edges(self.dataset, k, r, str(cfg["candidate_score"]),
-                                       float(cfg.get("candidate_popularity_discount", 0.0) or 0.0))
+        r = int(cfg["expansion_r"])
+        induced = config_induced_edges(self.dataset, cfg)
         aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]),
                                float(cfg["induced_edge_scale"]))
         self.adj_uig_cpu = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"))  # neighbour sampling reads it

@@ -198,6 +198,14 @@ def cached_induced_edges(dataset, k: int, r: int, candidate_score: str,
     return dataset.cache.get_or_build("magnet_induced_edges", key, build)
 
 
+def config_induced_edges(dataset, cfg) -> dict[str, np.ndarray]:
+    """E+ of a dataset under a MAGNET config (``knn_k``, ``expansion_r``, ``candidate_score``,
+    ``candidate_popularity_discount``): the one place that reads those keys, for the model, the benchmark
+    and ``utils.magnet_parts --induced``."""
+    return cached_induced_edges(dataset, int(cfg["knn_k"]), int(cfg["expansion_r"]), str(cfg["candidate_score"]),
+                                float(cfg.get("candidate_popularity_discount", 0.0) or 0.0))
+
+
 def augmented_matrix(train: sp.spmatrix, induced: dict[str, np.ndarray], weight: str = "binary",
                      scale: float = 1.0) -> sp.csr_matrix:
     """The user-item matrix of G_UIG: observed edges (1) plus E+ (1, or ``score``: c(u, j) divided by

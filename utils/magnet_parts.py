@@ -167,12 +167,12 @@ def induced_edge_quality(users: np.ndarray, items: np.ndarray, truth: sp.csr_mat
     n_items = train.shape[1]
     truth = sp.csr_matrix(truth)
     hit = np.asarray(truth[users, items]).ravel() > 0
-    per_item = np.sort(np.bincount(items, minlength=n_items))[::-1]
+    induced_per_item = np.sort(np.bincount(items, minlength=n_items))[::-1]  # most-induced first
     popularity = np.asarray(train.sum(axis=0)).ravel()
     return {"edges": int(users.size), "precision": float(hit.mean()) if hit.size else 0.0,
             "recall": float(hit.sum() / max(truth.nnz, 1)),
-            "top10_share": float(per_item[: max(n_items // 10, 1)].sum() / max(per_item.sum(), 1)),
-            "items_without": float(np.mean(per_item == 0)),
+            "top10_share": float(induced_per_item[: max(n_items // 10, 1)].sum() / max(induced_per_item.sum(), 1)),
+            "items_without": float(np.mean(induced_per_item == 0)),
             "induced_popularity": float(popularity[items].mean()) if items.size else 0.0,
             "catalogue_popularity": float(popularity.mean())}
 
@@ -214,9 +214,8 @@ def main(argv=None) -> int:
     ensure_generated(config)
     dataset = RecDataset(config)
     if a.induced:
-        from models.magnet_graph import cached_induced_edges
-        induced = cached_induced_edges(dataset, int(config["knn_k"]), int(config["expansion_r"]),
-                                       str(config["candidate_score"]), float(config["candidate_popularity_discount"]))
+        from models.magnet_graph import config_induced_edges
+        induced = config_induced_edges(dataset, config)
         q = induced_edge_quality(induced["users"], induced["items"], dataset.eval_matrix(a.split), dataset.train_matrix)
         print(f"{a.run_dir}: E+ of knn_k {config['knn_k']}, expansion_r {config['expansion_r']} against the "
               f"{a.split} pairs: {q['edges']} edges, precision {q['precision']:.4f}, recall {q['recall']:.4f}; "
