@@ -226,7 +226,8 @@ def dv_sv_gain(dv_dir: Path, sv_dir: Path, out: Path | None = None) -> Path:
     if not (np.array_equal(u, u2) and np.array_equal(i, i2)):
         raise ConfigError("the two runs have different test pairs")
     k = int(cfg_dv.get("knn_k", 10))
-    lists = {m: graph.cached_knn(data_dv, m, k, include_self=False)[0] for m in ("v", "t")}
+    lists = {m: graph.cached_knn(data_dv, m, k, include_self=False, **graph.similarity_settings(cfg_dv))[0]
+             for m in ("v", "t")}
     train = data_dv.train_matrix.tocsr()
     buckets = analysis.visibility_buckets(analysis.pair_visibility(train, u, i, lists, k))
     activity = analysis.activity_terciles(np.diff(train.indptr))[u]

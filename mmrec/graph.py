@@ -471,12 +471,89 @@ def knn_matrix(indices: np.ndarray, values: np.ndarray, n: int, flavour: KnnFlav
     return normalize_edges(rows, indices.ravel(), values.ravel(), n, flavour, degree_eps)
 
 
-def cached_knn(dataset, modality: str, k: int, include_self: bool = True, block_size: int = 2048,
-               device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k lists of one modality's raw features, cached on disk keyed by the feature hash
-    (computed on ``device``: a GPU builds Electronics' lists in seconds)."""
+@torch.no_grad()
+def whiten_rows(features: np.ndarray | torch.Tensor, dim: int, block_size: int = 8192) -> np.ndarray:
+    """Whitened item features: rows L2-normalised and centred, then their coordinates on the top-``dim``
+    principal directions, each divided by its standard deviation (every kept direction has unit variance).
+
+    Raw cosine on pre-extracted features is dominated by a few high-variance directions shared by most items
+    (a background, boilerplate text, the encoder's anisotropy); whitening weighs every kept direction alike
+    and drops the low-variance rest (BERT-whitening, Su et al. 2021). Deterministic: an eigendecomposition of
+    the feature covariance, accumulated in row blocks (never an n x n matrix)."""
+    x = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features, dtype=torch.float32)
+    n, n_dims = x.shape
+    dim = min(int(dim), n_dims, n - 1)
+    if dim < 1:
+        raise ValueError(f"whitening needs dim >= 1 and at least 2 rows, got dim={dim} for features {tuple(x.shape)}")
+    mean = torch.zeros(n_dims, dtype=torch.float64)
+    for start in range(0, n, block_size):
+        mean += l2_normalize_rows(x[start:start + block_size]).double().sum(0)
+    mean /= n
+    cov = torch.zeros(n_dims, n_dims, dtype=torch.float64)
+    for start in range(0, n, block_size):
+        block = l2_normalize_rows(x[start:start + block_size]).double() - mean
+        cov += block.T @ block
+    eigval, eigvec = torch.linalg.eigh(cov / (n - 1))  # ascending
+    top = torch.arange(n_dims - 1, n_dims - 1 - dim, -1)
+    eigvec = eigvec[:, top]
+    eigvec = eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(dim)])  # a fixed sign per direction
+    scale = eigval[top].clamp_min(1e-12).rsqrt()
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, block_size):
+        block = l2_normalize_rows(x[start:start + block_size]).double() - mean
+        out[start:start + block_size] = ((block @ eigvec) * scale).float().numpy()
+    return out
+
+
+def neighbourhood_mean(features: np.ndarray | torch.Tensor, neighbours: np.ndarray) -> torch.Tensor:
+    """x~_i = the mean of x_i and the rows of its neighbours ``neighbours[i]`` ([n, k] indices): one step of
+    smoothing over a kNN graph (a denoised feature row)."""
+    x = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features, dtype=torch.float32)
+    n, k = neighbours.shape
+    rows = np.repeat(np.arange(n), k + 1)
+    cols = np.concatenate([np.arange(n)[:, None], neighbours], axis=1).ravel()
+    mean = sparse_from_edges(rows, cols, np.full(rows.size, 1.0 / (k + 1), np.float32), (n, n), x.device)
+    return spmm(mean, x)
+
+
+def similarity_settings(config) -> dict[str, int]:
+    """A run's ``similarity_whitening`` / ``similarity_smoothing`` (0 = raw features) as the keyword arguments of
+    ``similarity_features``, ``cached_knn`` and ``knn_graph``: every item-item kNN graph of a run is built on
+    the same features."""
+    return {"whitening_dim": int(config.get("similarity_whitening", 0) or 0),
+            "smoothing_k": int(config.get("similarity_smoothing", 0) or 0)}
+
+
+def similarity_features(dataset, modality: str, whitening_dim: int = 0, smoothing_k: int = 0) -> np.ndarray:
+    """The features item similarity is computed on: raw (both 0), whitened (``whiten_rows``) and/or smoothed
+    (each row averaged with its ``smoothing_k`` cosine neighbours in the whitened space, rows L2-normalised
+    first). Cached on disk when transformed, keyed by the feature hash and both settings."""
     feats = dataset.features[modality]
+    if not whitening_dim and not smoothing_k:
+        return feats
+    key = {"features": dataset.feature_hash(modality), "whitening_dim": int(whitening_dim),
+           "smoothing_k": int(smoothing_k)}
+
+    def build() -> dict[str, np.ndarray]:
+        x = whiten_rows(feats, whitening_dim) if whitening_dim else np.asarray(feats, dtype=np.float32)
+        if smoothing_k:
+            idx, _ = cosine_topk(x, smoothing_k, include_self=False)
+            x = neighbourhood_mean(l2_normalize_rows(torch.as_tensor(x)), idx).numpy()
+        return {"features": x}
+
+    return dataset.cache.get_or_build("similarity_features", key, build)["features"]
+
+
+def cached_knn(dataset, modality: str, k: int, include_self: bool = True, block_size: int = 2048,
+               device: torch.device | str = "cpu", whitening_dim: int = 0,
+               smoothing_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k lists of one modality's features (raw, or as ``similarity_features`` transforms them),
+    cached on disk keyed by the feature hash (computed on ``device``: a GPU builds Electronics' lists in
+    seconds)."""
+    feats = similarity_features(dataset, modality, whitening_dim, smoothing_k)
     key = {"features": dataset.feature_hash(modality), "k": int(k), "include_self": bool(include_self)}
+    if whitening_dim or smoothing_k:  # (absent when raw, so existing caches keep their keys)
+        key.update(whitening_dim=int(whitening_dim), smoothing_k=int(smoothing_k))
     arrays = dataset.cache.get_or_build(
         "cosine_knn", key,
         lambda: dict(zip(("indices", "values"), cosine_topk(feats, k, include_self, block_size, device))))
@@ -484,9 +561,12 @@ def cached_knn(dataset, modality: str, k: int, include_self: bool = True, block_
 
 
 def knn_graph(dataset, modality: str, k: int, flavour: KnnFlavour, include_self: bool = True,
-              degree_eps: float = 0.0, device: torch.device | str = "cpu") -> sp.csr_matrix:
-    """Normalised item-item kNN graph of one modality (cached lists, then the named normalisation)."""
-    idx, val = cached_knn(dataset, modality, k, include_self, device=device)
+              degree_eps: float = 0.0, device: torch.device | str = "cpu", whitening_dim: int = 0,
+              smoothing_k: int = 0) -> sp.csr_matrix:
+    """Normalised item-item kNN graph of one modality (cached lists on ``similarity_features``, then the named
+    normalisation)."""
+    idx, val = cached_knn(dataset, modality, k, include_self, device=device, whitening_dim=whitening_dim,
+                          smoothing_k=smoothing_k)
     return knn_matrix(idx, val, dataset.n_items, flavour, degree_eps)
 
 

@@ -172,7 +172,8 @@ class GeneralRecommender(AbstractRecommender):
     def item_knn(self, modality: str, k: int, flavour: graph.KnnFlavour, include_self: bool = True,
                  degree_eps: float = 0.0) -> torch.Tensor:
         """A normalised item-item kNN graph of one modality ('v' or 't') as a torch sparse tensor."""
-        mat = graph.knn_graph(self.dataset, modality, k, flavour, include_self, degree_eps, self.device)
+        mat = graph.knn_graph(self.dataset, modality, k, flavour, include_self, degree_eps, self.device,
+                              **graph.similarity_settings(self.config))
         return graph.to_torch_sparse(mat, self.device)
 
     def train_edges(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,7 +229,8 @@ class MAGNET(GeneralRecommender):
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     fanout_resample_steps, fixed_switch_epoch, head_lr_scale, induced_edge_scale, induced_edge_weight,
     item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
-    router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed, smoothing_steps,
+    router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed,
+    similarity_smoothing, similarity_whitening, smoothing_steps,
     stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates, trigger_window, user_cue_target,
     view, view_fusion, view_share, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
@@ -244,7 +245,8 @@ class MAGNET(GeneralRecommender):
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
         "view_fusion": ("in", ("mean", "degree_gate")), "view_share": ("between", (0, 1)),
-        "candidate_score": ("in", ("pool_dense", "topk_sparse")), "induced_edge_weight": ("in", ("binary", "score")),
+        "candidate_score": ("in", ("pool_dense", "topk_sparse")),
+        "induced_edge_weight": ("in", ("binary", "score")),
         "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
@@ -376,7 +378,8 @@ class MAGNET(GeneralRecommender):
         self.item_graph = None
         if self.item_graph_layers > 0:
             w, k = float(cfg.get("item_graph_image_weight", 0.1)), int(cfg["knn_k"])
-            knn = {m: graph.knn_graph(dataset, m, k, "bin", True, graph.DEGREE_EPS) for m in ("v", "t")}
+            knn = {m: graph.knn_graph(dataset, m, k, "bin", True, graph.DEGREE_EPS, **graph.similarity_settings(cfg))
+                   for m in ("v", "t")}
             self.item_graph = graph.to_torch_sparse(w * knn["v"] + (1.0 - w) * knn["t"], self.device)
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
         if self.view_fusion == "degree_gate" and self.view == "DV":  # log(1 + deg) of users, then items
@@ -429,13 +432,8 @@ class MAGNET(GeneralRecommender):
         """``cue_input: knn``: x~_i = mean of x_j over {i} and i's k cosine neighbours N^m(i) (Eq. 1's lists,
         the ones E+ is built from), so f_m reads an item's modality neighbourhood rather than its own noisy
         feature row."""
-        idx, _ = graph.cached_knn(self.dataset, modality, k, include_self=False)
-        n = idx.shape[0]
-        rows = np.repeat(np.arange(n), idx.shape[1] + 1)
-        cols = np.concatenate([np.arange(n)[:, None], idx], axis=1).ravel()
-        mean = graph.sparse_from_edges(rows, cols, np.full(rows.size, 1.0 / (idx.shape[1] + 1), np.float32),
-                                       (n, n), feats.device)
-        return graph.spmm(mean, feats)
+        idx, _ = graph.cached_knn(self.dataset, modality, k, include_self=False, **graph.similarity_settings(self.config))
+        return graph.neighbourhood_mean(feats, idx)
 
     def _build_views(self, cfg) -> None:
         self.adj_ui_cpu = graph.to_torch_sparse(graph.norm_adjacency(self.train_matrix, "sym"))

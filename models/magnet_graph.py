@@ -177,21 +177,26 @@ def build_induced_edges(train: sp.spmatrix, knn_idx: list[np.ndarray], knn_val: 
             "scores": scores.astype(np.float32), "pool_sizes": pool_sizes}
 
 
-def cached_induced_edges(dataset, k: int, r: int, candidate_score: str,
-                         popularity_discount: float = 0.0) -> dict[str, np.ndarray]:
+def cached_induced_edges(dataset, k: int, r: int, candidate_score: str, popularity_discount: float = 0.0,
+                         whitening_dim: int = 0, smoothing_k: int = 0) -> dict[str, np.ndarray]:
     """E+ of a dataset, cached on disk keyed by everything it depends on (train split, features, k, r,
-    candidate score, popularity discount); kNN lists come from the shared cache (raw cosine, item not its
-    own neighbour)."""
+    candidate score, popularity discount, similarity features); kNN lists come from the shared cache (cosine,
+    item not its own neighbour) on the features ``graph.similarity_features`` gives for (whitening_dim,
+    smoothing_k): raw when both are 0 (Eq. 1 as written)."""
     mods = [m for m in ("v", "t") if m in dataset.features]
     key = {"version": INDUCED_EDGES_VERSION, "train": dataset.train_fingerprint,
            "features": {m: dataset.feature_hash(m) for m in mods}, "k": int(k), "r": int(r),
            "candidate_score": candidate_score}
-    if popularity_discount:  # (absent at 0, so existing caches keep their keys)
-        key["popularity_discount"] = float(popularity_discount)
+    # (each absent at 0, so existing caches keep their keys)
+    for name, value in (("popularity_discount", float(popularity_discount)), ("whitening_dim", int(whitening_dim)),
+                        ("smoothing_k", int(smoothing_k))):
+        if value:
+            key[name] = value
 
     def build() -> dict[str, np.ndarray]:
-        lists = [graph.cached_knn(dataset, m, k, include_self=False) for m in mods]
-        feats = [dataset.features[m] for m in mods]
+        lists = [graph.cached_knn(dataset, m, k, include_self=False, whitening_dim=whitening_dim,
+                                  smoothing_k=smoothing_k) for m in mods]
+        feats = [graph.similarity_features(dataset, m, whitening_dim, smoothing_k) for m in mods]
         return build_induced_edges(dataset.train_matrix, [a for a, _ in lists], [b for _, b in lists],
                                    feats, r, candidate_score, popularity_discount=popularity_discount)
 
@@ -200,10 +205,11 @@ def cached_induced_edges(dataset, k: int, r: int, candidate_score: str,
 
 def config_induced_edges(dataset, cfg) -> dict[str, np.ndarray]:
     """E+ of a dataset under a MAGNET config (``knn_k``, ``expansion_r``, ``candidate_score``,
-    ``candidate_popularity_discount``): the one place that reads those keys, for the model, the benchmark
-    and ``utils.magnet_parts --induced``."""
+    ``candidate_popularity_discount``, ``similarity_whitening``, ``similarity_smoothing``): the one place that
+    reads those keys, for the model, the benchmark and ``utils.magnet_parts --induced``."""
     return cached_induced_edges(dataset, int(cfg["knn_k"]), int(cfg["expansion_r"]), str(cfg["candidate_score"]),
-                                float(cfg.get("candidate_popularity_discount", 0.0) or 0.0))
+                                float(cfg.get("candidate_popularity_discount", 0.0) or 0.0),
+                                **graph.similarity_settings(cfg))
 
 
 def augmented_matrix(train: sp.spmatrix, induced: dict[str, np.ndarray], weight: str = "binary",

@@ -243,7 +243,8 @@ class SOIL(GeneralRecommender):
         graphs = []
         for m in ("v", "t"):
             interest = soil_normalize(entries["rows"], entries["cols"], entries[m], self.n_items, f"Int_{m}")
-            graphs.append(interest + graph.knn_graph(self.dataset, m, self.knn_k, "sim_soil"))
+            graphs.append(interest + graph.knn_graph(self.dataset, m, self.knn_k, "sim_soil",
+                                                     **graph.similarity_settings(self.config)))
         return graphs[0], graphs[1]
 
     def augmented_ui_graphs(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:

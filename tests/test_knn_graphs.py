@@ -154,3 +154,89 @@ def test_models_ignore_valid_and_test(tmp_path, model_name):
             out.append((loss, model.full_sort_predict({"users": torch.arange(ds.n_users)})))
     assert out[0][0] == out[1][0]
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0)
+
+
+def _clusters_under_a_nuisance(seed: int = 0):
+    """40 items in 4 clusters (weak centroids) plus a strong 3-d factor shared across clusters: raw cosine
+    mostly pairs items by the shared factor, not by cluster."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), 10)
+    centroids, nuisance = rng.normal(size=(4, 30)), rng.normal(size=(3, 30))
+    x = 0.5 * centroids[labels] + 2.0 * rng.normal(size=(40, 3)) @ nuisance + 0.1 * rng.normal(size=(40, 30))
+    return x, labels
+
+
+def test_whiten_rows_has_unit_uncorrelated_directions_and_is_deterministic():
+    x, _ = _clusters_under_a_nuisance()
+    w = graph.whiten_rows(x, 6)
+    assert w.shape == (40, 6)
+    np.testing.assert_allclose(w.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.cov(w.T), np.eye(6), atol=1e-4)
+    np.testing.assert_array_equal(w, graph.whiten_rows(x, 6))
+    # the directions are the principal ones of the L2-normalised, centred rows, in order of variance
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    xc = xn - xn.mean(0)
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    expected = xc @ vt[:6].T / (s[:6] / np.sqrt(39))
+    np.testing.assert_allclose(np.abs(w), np.abs(expected), atol=1e-4)  # up to each direction's sign
+    assert graph.whiten_rows(x, 100).shape == (40, 30)  # dim is capped by the feature dimension
+    with pytest.raises(ValueError, match="whitening needs"):
+        graph.whiten_rows(x[:1], 4)
+
+
+def test_whitening_finds_the_neighbours_a_shared_factor_hides():
+    x, labels = _clusters_under_a_nuisance()
+
+    def same_cluster_share(features):
+        idx, _ = graph.cosine_topk(features, 1, include_self=False)
+        return float((labels[idx[:, 0]] == labels).mean())
+
+    assert same_cluster_share(x) < 0.5
+    assert same_cluster_share(graph.whiten_rows(x, 6)) >= 0.9
+
+
+def test_neighbourhood_mean_by_hand():
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    out = graph.neighbourhood_mean(x, np.array([[1], [2], [0]])).numpy()
+    np.testing.assert_allclose(out, [[0.5, 1.0], [1.5, 2.5], [2.0, 1.5]])
+
+
+def test_similarity_features_raw_whitened_smoothed_and_cached(tmp_path):
+    _, ds = tiny_setup(tmp_path, "MGCN")
+    assert graph.similarity_features(ds, "v") is ds.features["v"]  # both 0: the raw features
+    white = graph.similarity_features(ds, "v", whitening_dim=8)
+    np.testing.assert_allclose(white, graph.whiten_rows(ds.features["v"], 8), atol=1e-6)
+    smooth = graph.similarity_features(ds, "v", whitening_dim=8, smoothing_k=3)
+    idx, _ = graph.cosine_topk(white, 3, include_self=False)
+    unit = white / np.linalg.norm(white, axis=1, keepdims=True)
+    np.testing.assert_allclose(smooth, (unit + unit[idx].sum(1)) / 4, atol=1e-5)
+    hits = ds.cache.hits
+    np.testing.assert_array_equal(graph.similarity_features(ds, "v", whitening_dim=8, smoothing_k=3), smooth)
+    assert ds.cache.hits == hits + 1
+    # kNN lists on the transformed features, cached under their own key
+    idx_w, _ = graph.cached_knn(ds, "v", 4, include_self=False, whitening_dim=8, smoothing_k=3)
+    np.testing.assert_array_equal(idx_w, graph.cosine_topk(smooth, 4, include_self=False)[0])
+    idx_raw, _ = graph.cached_knn(ds, "v", 4, include_self=False)
+    np.testing.assert_array_equal(idx_raw, graph.cosine_topk(ds.features["v"], 4, include_self=False)[0])
+
+
+@pytest.mark.parametrize("model", ["MGCN", "SMORE", "FREEDOM"])
+def test_baselines_build_their_knn_graphs_on_the_runs_similarity_features(tmp_path, model):
+    """similarity_whitening / similarity_smoothing are harness keys (raw features by default): a baseline's
+    item-item graph follows them, through ``item_knn`` (MGCN) or its own call (SMORE, FREEDOM)."""
+    from mmrec.registry import get_model
+
+    graphs = {}
+    for sets in ({}, {"similarity_whitening": 6, "similarity_smoothing": 2}):
+        config, ds = tiny_setup(tmp_path / str(len(graphs)), model, overrides=sets)
+        net = get_model(model)(config, ds)
+        attr = "mm_adj" if model == "FREEDOM" else "image_graph"
+        graphs[bool(sets)] = (getattr(net, attr).to_dense().numpy(), config, ds)
+        assert graph.similarity_settings(config) == {"whitening_dim": sets.get("similarity_whitening", 0),
+                                                     "smoothing_k": sets.get("similarity_smoothing", 0)}
+    (raw, _, ds), (white, config, ds_w) = graphs[False], graphs[True]
+    assert not np.allclose(raw, white)
+    if model == "MGCN":
+        k = int(config["knn_k"])
+        idx, val = graph.cosine_topk(graph.similarity_features(ds_w, "v", 6, 2), k, include_self=True)
+        np.testing.assert_allclose(white, graph.knn_matrix(idx, val, ds_w.n_items, "sim").toarray(), atol=1e-5)

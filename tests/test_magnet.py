@@ -688,7 +688,8 @@ def test_item_graph_layers_adds_the_knn_smoothed_item_ids(make):
     off.eval(), on.eval()
     with torch.no_grad():
         t_off, t_on = off.encode(), on.encode()
-        knn = {m: torch.from_numpy(graph.knn_graph(on.dataset, m, 3, "bin", True, graph.DEGREE_EPS).toarray())
+        knn = {m: torch.from_numpy(graph.knn_graph(on.dataset, m, 3, "bin", True, graph.DEGREE_EPS,
+                                                   **graph.similarity_settings(on.config)).toarray())
                for m in ("v", "t")}
         s = (0.3 * knn["v"] + 0.7 * knn["t"]).float()
         e = on.item_embedding.weight
@@ -717,7 +718,7 @@ def test_cue_form_purified_knn_smooths_content_gated_item_ids(make):
     m.eval()
     with torch.no_grad():
         t = m.encode()
-        s_v = torch.from_numpy(graph.knn_graph(m.dataset, "v", 3, "sim", True).toarray()).float()
+        s_v = torch.from_numpy(graph.knn_graph(m.dataset, "v", 3, "sim", True, **graph.similarity_settings(m.config)).toarray()).float()
         gated = m.item_embedding.weight * torch.sigmoid(m.v_feat @ m.image_proj.weight.T)
         h_items = s_v @ gated
         torch.testing.assert_close(t["r_item"][:, 1], h_items, atol=1e-5, rtol=1e-5)

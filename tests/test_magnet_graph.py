@@ -9,8 +9,8 @@ import scipy.sparse as sp
 from mmrec import graph
 from mmrec.config import load_config
 from mmrec.data import RecDataset
-from models.magnet_graph import (augmented_matrix, build_induced_edges, cached_induced_edges, group_order,
-                                 template_pool)
+from models.magnet_graph import (augmented_matrix, build_induced_edges, cached_induced_edges,
+                                 config_induced_edges, group_order, template_pool)
 from tests.helpers import random_interactions, write_dataset
 
 PINNED = np.array([  # MAGNET.md section 4, (alpha, beta, delta, eps) = (.6, .2, .5, .05), global
@@ -159,6 +159,23 @@ def test_cache_reused_and_keyed(tmp_path):
     np.testing.assert_array_equal(first["items"], again["items"])
     cached_induced_edges(ds, 3, 4, "pool_dense")  # another r is another entry
     assert ds.cache.misses == misses + 1
+
+
+def test_induced_edges_on_similarity_features(tmp_path):
+    """similarity_whitening / similarity_smoothing: E+ is Eqs. 1-3 on the transformed features (lists and
+    candidate scores alike), cached apart from the raw one; config_induced_edges reads both keys."""
+    ds = _dataset(tmp_path, "toy_w", 11)
+    got = cached_induced_edges(ds, 3, 6, "pool_dense", whitening_dim=4, smoothing_k=2)
+    feats = [graph.similarity_features(ds, m, 4, 2) for m in ("v", "t")]
+    lists = [graph.cosine_topk(f, 3, include_self=False) for f in feats]
+    want = build_induced_edges(ds.train_matrix, [a for a, _ in lists], [b for _, b in lists], feats, 6)
+    for key in ("users", "items", "scores"):
+        np.testing.assert_array_equal(got[key], want[key])
+    raw = cached_induced_edges(ds, 3, 6, "pool_dense")
+    assert not np.array_equal(raw["items"], got["items"])
+    cfg = {"knn_k": 3, "expansion_r": 6, "candidate_score": "pool_dense", "similarity_whitening": 4,
+           "similarity_smoothing": 2}
+    np.testing.assert_array_equal(config_induced_edges(ds, cfg)["items"], got["items"])
 
 
 def test_augmented_view_normalisation():
