@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -169,12 +170,23 @@ class GeneralRecommender(AbstractRecommender):
         """The normalised (U+I) x (U+I) training adjacency as a torch sparse tensor on the device."""
         return graph.to_torch_sparse(graph.norm_adjacency(self.train_matrix, flavour, item_item), self.device)
 
+    def item_knn_lists(self, modality: str, k: int, include_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine top-k lists (indices, values) of one modality ('v' or 't'), on the features the run's
+        ``similarity_whitening`` / ``similarity_smoothing`` select (raw by default); cached."""
+        return graph.cached_knn(self.dataset, modality, k, include_self, device=self.device,
+                                **graph.similarity_settings(self.config))
+
+    def item_knn_matrix(self, modality: str, k: int, flavour: graph.KnnFlavour, include_self: bool = True,
+                        degree_eps: float = 0.0) -> sp.csr_matrix:
+        """A normalised item-item kNN graph of one modality as a scipy matrix (``item_knn_lists``, then the
+        named normalisation)."""
+        idx, val = self.item_knn_lists(modality, k, include_self)
+        return graph.knn_matrix(idx, val, self.n_items, flavour, degree_eps)
+
     def item_knn(self, modality: str, k: int, flavour: graph.KnnFlavour, include_self: bool = True,
                  degree_eps: float = 0.0) -> torch.Tensor:
         """A normalised item-item kNN graph of one modality ('v' or 't') as a torch sparse tensor."""
-        mat = graph.knn_graph(self.dataset, modality, k, flavour, include_self, degree_eps, self.device,
-                              **graph.similarity_settings(self.config))
-        return graph.to_torch_sparse(mat, self.device)
+        return graph.to_torch_sparse(self.item_knn_matrix(modality, k, flavour, include_self, degree_eps), self.device)
 
     def train_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(users, items) LongTensors of the training interactions, on the device."""

@@ -71,8 +71,7 @@ class FREEDOM(GeneralRecommender):
             self.text_proj = nn.Linear(self.t_feat.shape[1], feat_dim)
 
     def _item_graph(self, dataset):
-        knn = {m: graph.knn_graph(dataset, m, self.knn_k, "bin", True, graph.DEGREE_EPS,
-                                  **graph.similarity_settings(self.config))
+        knn = {m: self.item_knn_matrix(m, self.knn_k, "bin", True, graph.DEGREE_EPS)
                for m, f in (("v", self.v_feat), ("t", self.t_feat)) if f is not None}
         if len(knn) == 1:
             return next(iter(knn.values()))

@@ -121,8 +121,8 @@ class GUME(GeneralRecommender):
         self.text_features = nn.Parameter(self.t_feat.clone())
 
         # frozen graphs: KNN-SIM item graphs, the intersection edges and the augmented adjacency
-        image_idx, image_val = graph.cached_knn(dataset, "v", self.knn_k, **graph.similarity_settings(config))
-        text_idx, text_val = graph.cached_knn(dataset, "t", self.knn_k, **graph.similarity_settings(config))
+        image_idx, image_val = self.item_knn_lists("v", self.knn_k)
+        text_idx, text_val = self.item_knn_lists("t", self.knn_k)
         self.image_graph = graph.to_torch_sparse(
             graph.knn_matrix(image_idx, image_val, self.n_items, "sim"), self.device)
         self.text_graph = graph.to_torch_sparse(

@@ -98,7 +98,7 @@ class LATTICE(GeneralRecommender):
         self.modalities = [m for m, f in (("v", self.v_feat), ("t", self.t_feat)) if f is not None]
         self.original: dict[str, Edges] = {}
         for m in self.modalities:
-            coo = graph.knn_graph(dataset, m, self.knn_k, "sim", **graph.similarity_settings(config)).tocoo()
+            coo = self.item_knn_matrix(m, self.knn_k, "sim").tocoo()
             self.original[m] = tuple(torch.as_tensor(a, device=self.device) for a in
                                      (coo.row.astype("int64"), coo.col.astype("int64"), coo.data))
         self.feature_tables = nn.ModuleDict(

@@ -378,8 +378,7 @@ class MAGNET(GeneralRecommender):
         self.item_graph = None
         if self.item_graph_layers > 0:
             w, k = float(cfg.get("item_graph_image_weight", 0.1)), int(cfg["knn_k"])
-            knn = {m: graph.knn_graph(dataset, m, k, "bin", True, graph.DEGREE_EPS, **graph.similarity_settings(cfg))
-                   for m in ("v", "t")}
+            knn = {m: self.item_knn_matrix(m, k, "bin", True, graph.DEGREE_EPS) for m in ("v", "t")}
             self.item_graph = graph.to_torch_sparse(w * knn["v"] + (1.0 - w) * knn["t"], self.device)
         self.register_buffer("user_degree", torch.as_tensor(deg, dtype=torch.float32), persistent=False)
         if self.view_fusion == "degree_gate" and self.view == "DV":  # log(1 + deg) of users, then items
@@ -432,7 +431,7 @@ class MAGNET(GeneralRecommender):
         """``cue_input: knn``: x~_i = mean of x_j over {i} and i's k cosine neighbours N^m(i) (Eq. 1's lists,
         the ones E+ is built from), so f_m reads an item's modality neighbourhood rather than its own noisy
         feature row."""
-        idx, _ = graph.cached_knn(self.dataset, modality, k, include_self=False, **graph.similarity_settings(self.config))
+        idx, _ = self.item_knn_lists(modality, k, include_self=False)
         return graph.neighbourhood_mean(feats, idx)
 
     def _build_views(self, cfg) -> None:

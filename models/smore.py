@@ -89,9 +89,8 @@ class SMORE(MGCNFamily):
     def build_item_graphs(self, config, dataset) -> None:
         self.image_knn_k = int(config["image_knn_k"])
         self.text_knn_k = int(config["text_knn_k"])
-        features = graph.similarity_settings(config)
-        image_graph = graph.knn_graph(dataset, "v", self.image_knn_k, "sim", **features)
-        text_graph = graph.knn_graph(dataset, "t", self.text_knn_k, "sim", **features)
+        image_graph = self.item_knn_matrix("v", self.image_knn_k, "sim")
+        text_graph = self.item_knn_matrix("t", self.text_knn_k, "sim")
         self.image_graph = graph.to_torch_sparse(image_graph, self.device)
         self.text_graph = graph.to_torch_sparse(text_graph, self.device)
         self.fusion_graph = graph.to_torch_sparse(max_union(image_graph, text_graph), self.device)

@@ -243,8 +243,7 @@ class SOIL(GeneralRecommender):
         graphs = []
         for m in ("v", "t"):
             interest = soil_normalize(entries["rows"], entries["cols"], entries[m], self.n_items, f"Int_{m}")
-            graphs.append(interest + graph.knn_graph(self.dataset, m, self.knn_k, "sim_soil",
-                                                     **graph.similarity_settings(self.config)))
+            graphs.append(interest + self.item_knn_matrix(m, self.knn_k, "sim_soil"))
         return graphs[0], graphs[1]
 
     def augmented_ui_graphs(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
