@@ -179,9 +179,9 @@ class GeneralRecommender(AbstractRecommender):
     def item_knn_matrix(self, modality: str, k: int, flavour: graph.KnnFlavour, include_self: bool = True,
                         degree_eps: float = 0.0) -> sp.csr_matrix:
         """A normalised item-item kNN graph of one modality as a scipy matrix (``item_knn_lists``, then the
-        named normalisation)."""
-        idx, val = self.item_knn_lists(modality, k, include_self)
-        return graph.knn_matrix(idx, val, self.n_items, flavour, degree_eps)
+        named normalisation; ``graph.knn_graph``)."""
+        return graph.knn_graph(self.dataset, modality, k, flavour, include_self, degree_eps, self.device,
+                               **graph.similarity_settings(self.config))
 
     def item_knn(self, modality: str, k: int, flavour: graph.KnnFlavour, include_self: bool = True,
                  degree_eps: float = 0.0) -> torch.Tensor:
