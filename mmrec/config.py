@@ -123,7 +123,7 @@ RANGES: dict[str, tuple[str, Any]] = {
     "max_steps_per_epoch": (">=", 0), "optimizer_impl": ("in", ("fused", "foreach")),
     "stopping_step": (">=", 0), "learning_rate": (">", 0), "weight_decay": (">=", 0), "embedding_size": (">=", 1),
     "n_layers": (">=", 0), "num_threads": (">=", 0), "save_topk": (">=", 0), "metric_decimals": (">=", 0),
-    "learning_rate_floor": (">=", 0), "split": ("in", ("x_label", "random")),
+    "learning_rate_floor": (">=", 0), "weight_averaging": ("between", (0, 0.9999)), "split": ("in", ("x_label", "random")),
     "similarity_whitening": (">=", 0), "similarity_smoothing": (">=", 0),
     "optimizer_empty_grad": ("in", ("skip", "zero")), "learner": ("in", ("adam", "adamw", "sgd", "adagrad")),
 }

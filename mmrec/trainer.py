@@ -7,12 +7,17 @@ per improvement).  Early stopping follows MMRec exactly: the first evaluation se
 metric, rounded to ``metric_decimals``, must strictly improve; training stops once the count of
 non-improving evaluations exceeds ``stopping_step``.
 
+With ``weight_averaging: d`` (0 < d < 1) validation, the best-epoch weights and test use an exponential
+moving average of the parameters, updated after every optimiser step with decay min(d, (1 + t) / (10 + t))
+at step t (Polyak averaging with a warm-up); training itself continues on the raw weights.
+
 ``last.pth`` (model, optimiser, scheduler, sampler and RNG states, counters) is written atomically after
 every epoch, so ``--resume DIR`` continues an interrupted run to the same result; ``best.pth`` holds
 the weights of the best validation epoch.  A NaN or infinite loss stops the run and keeps the best.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -155,6 +160,50 @@ def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"config 'learner' is {learner!r}: use adam, adamw or sgd")
 
 
+class WeightAverage:
+    """An exponential moving average of a model's parameters (buffers are left as they are).
+
+    ``update()`` after each optimiser step; ``swapped()`` is a context in which the model holds the average
+    (validation, best-state capture) and after which it holds its raw training weights again."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"config 'weight_averaging' is {decay}: use 0 (off) or a decay in (0, 1), e.g. 0.99")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.decay = decay
+        self.steps = 0
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p, a in zip(self.params, self.average):
+            raw = p.detach().clone()
+            p.copy_(a)
+            a.copy_(raw)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "average": [a.detach().to("cpu", copy=True) for a in self.average]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        for a, saved in zip(self.average, state["average"]):
+            a.copy_(saved)
+
+
 class Trainer:
     def __init__(self, config, model, dataset, out_dir: Path | None = None):
         self.config = config
@@ -188,6 +237,8 @@ class Trainer:
         self.loop_seconds = 0.0  # time of the last epoch's batches alone
         self.eval_times: list[float] = []
         self._best_state: dict | None = None  # weights of the best validation epoch (CPU copy)
+        decay = float(config.get("weight_averaging", 0) or 0)
+        self.weight_average = WeightAverage(model, decay) if decay else None
 
     def _build_scheduler(self):
         """MMRec's LambdaLR: epoch e trains at lr * a^(e/b), never below ``learning_rate_floor``."""
@@ -212,7 +263,8 @@ class Trainer:
                 "rng": rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
                 "best_valid": self.best_valid, "best_test": self.best_test, "bad_evals": self.bad_evals,
                 "history": self.history, "train_times": self.train_times, "eval_times": self.eval_times,
-                "stopped_by": self.stopped_by}
+                "stopped_by": self.stopped_by,
+                "weight_average": self.weight_average.state_dict() if self.weight_average else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -224,6 +276,11 @@ class Trainer:
                     "train_times", "eval_times"):
             setattr(self, key, state[key])
         self.stopped_by = state.get("stopped_by", "epochs")  # a run interrupted in its final test pass
+        if self.weight_average is not None:
+            if state.get("weight_average") is None:
+                raise ValueError("--resume: the checkpoint was written without weight_averaging; resume with "
+                                 "the same weight_averaging as the interrupted run")
+            self.weight_average.load_state_dict(state["weight_average"])
 
     # ------------------------------------------------------------------------------------------
     def _train_epoch(self) -> dict[str, float]:
@@ -265,6 +322,8 @@ class Trainer:
             if self.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.clip))
             self.optimizer.step()
+            if self.weight_average is not None:
+                self.weight_average.update()
             total += value
             for k, v in named.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
@@ -273,6 +332,10 @@ class Trainer:
         out = {"loss": total / n_batches}
         out.update({k: v / n_batches for k, v in parts.items()})
         return out
+
+    def _averaged(self):
+        """The model holds the averaged weights inside this context when ``weight_averaging`` is on."""
+        return self.weight_average.swapped() if self.weight_average is not None else contextlib.nullcontext()
 
     def _evaluate(self, split: str, keep_topk: int = 0) -> dict:
         return evaluate(self.model, self.dataset, split, self.ks, self.metrics,
@@ -312,21 +375,23 @@ class Trainer:
             stop = False
             if (self.epoch + 1) % eval_step == 0:
                 t1 = time.perf_counter()
-                valid = self._evaluate("valid")["metrics"]
+                with self._averaged():  # validation and the kept best state use the averaged weights
+                    valid = self._evaluate("valid")["metrics"]
+                    score = round(valid[self.valid_metric], self.decimals)
+                    improved, self.bad_evals, stop = early_stopping(self.best_score, score, self.bad_evals,
+                                                                    stopping_step)
+                    if improved:
+                        self._best_state = {k: v.detach().to("cpu", copy=True)
+                                            for k, v in self.model.state_dict().items()}
                 self.eval_times.append(time.perf_counter() - t1)
                 elapsed += self.eval_times[-1]
-                score = round(valid[self.valid_metric], self.decimals)
-                improved, bad_evals, stop = early_stopping(self.best_score, score, self.bad_evals, stopping_step)
                 record["valid"] = valid
                 line = (f"          valid {self.valid_metric} {valid[self.valid_metric]:.4f}  "
                         + "  ".join(f"{k} {valid[k]:.4f}" for k in self._shown(valid))
                         + f"  eval {self.eval_times[-1]:.2f}s")
-                self.bad_evals = bad_evals
                 if improved:
                     self.best_score, self.best_epoch = score, self.epoch
                     self.best_valid = valid
-                    self._best_state = {k: v.detach().to("cpu", copy=True)
-                                        for k, v in self.model.state_dict().items()}
                     line += "  * best"
                     if self.out_dir is not None and cfg["checkpoint"]:
                         atomic_save({"epoch": self.epoch, "model": self._best_state}, self.out_dir / "best.pth")

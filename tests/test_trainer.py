@@ -10,8 +10,9 @@ from mmrec.trainer import Trainer
 from tests.helpers import tiny_setup
 
 
-def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
-    sets = {"epochs": 6, "stopping_step": 100, "train_batch_size": 32}
+@pytest.mark.parametrize("weight_averaging", [0.0, 0.9])
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, weight_averaging):
+    sets = {"epochs": 6, "stopping_step": 100, "train_batch_size": 32, "weight_averaging": weight_averaging}
     cfg, ds = tiny_setup(tmp_path / "a", "LightGCN", overrides=sets)
     full = train_one(cfg, tmp_path / "full", ds)
     # interrupted after 3 epochs, then resumed to 6
@@ -204,3 +205,56 @@ def test_cpu_malloc_reuse_applies_on_glibc_and_can_be_switched_off():
     assert reuse_freed_cpu_memory(False) is False
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert reuse_freed_cpu_memory(True) is glibc
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_swaps_back():
+    from mmrec.trainer import WeightAverage
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average = WeightAverage(layer, 0.5)
+    expected = 1.0
+    for step, raw in enumerate([3.0, 5.0, 7.0], start=1):
+        with torch.no_grad():
+            layer.weight.fill_(raw)
+        average.update()
+        decay = min(0.5, (1 + step) / (10 + step))  # 2/11, 3/12, then capped at 0.5
+        expected = decay * expected + (1 - decay) * raw
+    assert float(average.average[0]) == pytest.approx(expected)
+    with average.swapped():
+        assert float(layer.weight.detach()) == pytest.approx(expected)
+    assert float(layer.weight.detach()) == 7.0  # training goes on from the raw weights
+
+
+def test_weight_averaging_validates_keeps_and_tests_the_averaged_weights(tmp_path):
+    from models.bpr import BPR
+
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 3, "stopping_step": 10, "train_batch_size": 32,
+                                                     "weight_averaging": 0.9, "checkpoint": True})
+    trainer = Trainer(cfg, BPR(cfg, ds), ds, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    seen = []
+    real_evaluate = trainer._evaluate
+
+    def spy(split, keep_topk=0):
+        seen.append((split, trainer.model.user_embedding.weight.detach().clone()))
+        return real_evaluate(split, keep_topk)
+
+    trainer._evaluate = spy
+    res = trainer.fit()
+    averaged = trainer.weight_average.average[0]  # user embedding: BPR's first parameter
+    raw = trainer.model.user_embedding.weight.detach()
+    assert not torch.allclose(averaged, raw)
+    assert torch.equal(seen[2][1], averaged)  # the last validation saw the average, not the raw weights
+    best = torch.load(tmp_path / "out" / "best.pth")["model"]["user_embedding.weight"]
+    valid_weights = dict(enumerate(w for split, w in seen if split == "valid"))
+    assert torch.equal(best, valid_weights[res["best_epoch"]])
+    assert torch.equal(seen[-1][1], best) and seen[-1][0] == "test"
+
+
+def test_weight_averaging_out_of_range_is_a_config_error(tmp_path):
+    from mmrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_averaging"):
+        tiny_setup(tmp_path, "BPR", overrides={"weight_averaging": 1.0})
