@@ -144,9 +144,11 @@ class GUME(GeneralRecommender):
 
     # -- graphs ---------------------------------------------------------------------------------
     def intersection_edges(self, image_idx: np.ndarray, text_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """S_int edge list, cached under the feature hashes, k and the grouping (features only: the
+        """S_int edge list, cached under the feature hashes, the similarity features the lists were taken
+        on (``similarity_whitening`` / ``similarity_smoothing``), k and the grouping (features only: the
         intersection does not depend on interactions)."""
         key = {"v": self.dataset.feature_hash("v"), "t": self.dataset.feature_hash("t"),
+               "similarity": graph.similarity_settings(self.config),
                "k": self.knn_k, "group": self.intersection_group, "n_items": self.n_items}
         arrays = self.dataset.cache.get_or_build(
             "gume_knn_intersection", key,

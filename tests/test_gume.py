@@ -122,3 +122,20 @@ def test_loss_parts_by_hand(tmp_path):
 
 def test_graphs_use_training_split_only(tmp_path):
     assert_graphs_from_training_only(tmp_path, GUME, ("norm_adj_aug", "R", "image_graph", "text_graph"))
+
+def test_intersection_follows_the_runs_similarity_features(tmp_path):
+    """The cached S_int is keyed by the similarity features: a whitened run after a raw one (same cache)
+    intersects its own whitened lists, not the raw run's."""
+    def edges(overrides):
+        cfg, ds = tiny_setup(tmp_path, "GUME", n_items=40, overrides={"knn_k": 5, **overrides})
+        model = GUME(cfg, ds)
+        image_idx, _ = model.item_knn_lists("v", 5)
+        text_idx, _ = model.item_knn_lists("t", 5)
+        want = knn_intersection_edges(image_idx, text_idx, model.intersection_group)
+        got = model.intersection_edges(image_idx, text_idx)
+        return {tuple(e) for e in np.stack(want, 1)}, {tuple(e) for e in np.stack(got, 1)}
+
+    raw_want, raw_got = edges({})
+    white_want, white_got = edges({"similarity_whitening": 4, "similarity_smoothing": 2})
+    assert raw_got == raw_want and white_got == white_want
+    assert white_want != raw_want  # the settings change the lists, so a shared key would be stale
