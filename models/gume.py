@@ -41,7 +41,7 @@ Reference quirks (BASELINES.md section 7; docs/baselines.md):
   with the same id overwrites an earlier one).  ``intersection_group: 10`` reproduces that (identical
   to per-row intersection when ``knn_k`` = 10); ``intersection_group: 0`` intersects per item row.
 - The reference caches the intersection in ``inter.json`` without a key; ours is keyed by the feature
-  hashes, ``knn_k`` and the grouping, so a stale file is never reused.
+  hashes, the similarity settings, ``knn_k`` and the grouping, so a stale file is never reused.
 The intersection is computed vectorised (a [rows, 10, 10] membership test), not by a Python loop.
 """
 from __future__ import annotations
