@@ -244,7 +244,7 @@ class MAGNET(GeneralRecommender):
     #: every key's allowed values, in one place (checked before any data is loaded; docs/magnet.md)
     config_schema = {
         "view": ("in", ("DV", "SV")), "knn_k": (">=", 1), "expansion_r": (">=", 1),
-        "view_fusion": ("in", ("mean", "degree_gate")), "view_share": ("between", (0, 1)),
+        "view_fusion": ("in", ("mean", "degree_gate", "per_expert")), "view_share": ("between", (0, 1)),
         "candidate_score": ("in", ("pool_dense", "topk_sparse")),
         "induced_edge_weight": ("in", ("binary", "score")),
         "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
@@ -418,6 +418,16 @@ class MAGNET(GeneralRecommender):
                              "product" if self.router_input == "product" else "concat") if self.use_moe else None
         self.router_grad = str(cfg["router_grad"])
         self.score_vector = nn.Parameter(torch.ones(d))  # Eq. 21: y = v^T s, v initialised to ones
+        # view_fusion per_expert (an extension): expert e reads the behaviour channel as
+        # z^UI + a_e (z^UIG - z^UI) with its own learnable share a_e = sigmoid(t_e), t_e starting at logit(view_share),
+        # so the router can send a pair to experts that lean on the interaction view or on the induced one
+        self.per_expert_view = self.view_fusion == "per_expert" and self.view == "DV"
+        if self.per_expert_view:
+            if self.cue_bpr != "none" or self.cue_target != "keep" or self.modality_scale != "none":
+                raise ValueError("view_fusion: per_expert (the default) works with cue_bpr: none, user_cue_target: "
+                                 "keep and modality_scale: none; add --set view_fusion=mean to use the others")
+            share = min(max(self.view_share, 1e-4), 1 - 1e-4)
+            self.expert_view_logit = nn.Parameter(torch.full((self.n_experts,), math.log(share / (1 - share))))
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
         self._sampled_views: dict = {}
         self._train_encodes = 0  # training forwards this epoch (fanout resampling counts them)
@@ -538,8 +548,13 @@ class MAGNET(GeneralRecommender):
         elif self.router_input == "user":
             z_router = torch.cat([z_router[:n_u], torch.zeros_like(z_router[n_u:])])
         out["z_router"] = z_router
-        r_user = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
-        r_item = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
+        if self.per_expert_view:  # [z^UI, z^UIG, h^A, h^S]: each expert mixes the two views itself
+            z_ui, z_uig = out["z_ui"], out["z_uig"]
+            r_user = torch.stack([z_ui[:n_u], z_uig[:n_u], h_user_a, h_user_s], dim=1)
+            r_item = torch.stack([z_ui[n_u:], z_uig[n_u:], h_item_a, h_item_s], dim=1)
+        else:
+            r_user = torch.stack([z[:n_u], h_user_a, h_user_s], dim=1)  # Eq. 9: [U, 3, d]
+            r_item = torch.stack([z[n_u:], h_item_a, h_item_s], dim=1)
         if self.modality_scale != "none":
             factor = (self.modality_factors(torch.cat([r_user, r_item])) if self.modality_scale == "rms"
                       else torch.cat([self.cue_log_gain.new_zeros(1), self.cue_log_gain]).exp().view(1, 3, 1))
@@ -584,9 +599,11 @@ class MAGNET(GeneralRecommender):
 
     def expert_weights(self) -> torch.Tensor:
         """w_e over [B, A, S] for every expert [E, 3] (fixed templates or free softmax mixtures)."""
-        if hasattr(self, "template_logits"):
-            return torch.softmax(self.template_logits, dim=-1)
-        return self.template_weights
+        w = torch.softmax(self.template_logits, dim=-1) if hasattr(self, "template_logits") else self.template_weights
+        if self.per_expert_view:  # [E, 4] over [z^UI, z^UIG, A, S]
+            a = torch.sigmoid(self.expert_view_logit)
+            return torch.stack([w[:, 0] * (1 - a), w[:, 0] * a, w[:, 1], w[:, 2]], dim=1)
+        return w
 
     @staticmethod
     def expert_inputs(weights: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:

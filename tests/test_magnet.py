@@ -152,7 +152,7 @@ def test_controller_frozen_in_eval(make):
 
 # -- forward pieces -----------------------------------------------------------------------------
 def test_backbone_and_cues(make):
-    m = make()
+    m = make(view_fusion="mean")  # the paper's channels: r = [z, h^A, h^S] (Eq. 9)
     t = m.encode()
     torch.testing.assert_close(t["z"], 0.5 * (t["z_ui"] + t["z_uig"]))  # Eq. 6
     ego = torch.cat([m.user_embedding.weight, m.item_embedding.weight])
@@ -217,6 +217,7 @@ def test_k_larger_than_e_is_an_error(make):
 
 
 @pytest.mark.parametrize("variant", [{}, {"expert_head": "concat_mlp", "router": "mlp"}, {"expert_head": "concat_mlp"},
+                                     {"view_fusion": "mean"},
                                      {"expert_head": "hadamard_concat", "templates": "free"},
                                      {"moe": False}, {"view": "SV", "expert_replicas": 2, "K": 6}])
 def test_full_sort_equals_pairwise(make, variant):
@@ -276,6 +277,33 @@ def test_view_fusion_degree_gate_mixes_the_views_by_node_degree(make):
         rows = m.encode(users, items)
         torch.testing.assert_close(rows["z"], t["z"][torch.cat([users, items + m.n_users])], atol=1e-5, rtol=1e-5)
     assert not hasattr(make(view_fusion="degree_gate", view="SV"), "fusion_slope")  # one view: nothing to mix
+
+
+def test_view_fusion_per_expert_gives_each_expert_its_own_view_share(make):
+    """view_fusion per_expert (extension of Eq. 6): expert e reads z^UI + a_e (z^UIG - z^UI) in its behaviour
+    share, a_e = sigmoid(t_e) from logit(view_share); at the start each expert input equals Eq. 10 on the
+    fused z, and a changed a_e changes only that expert's input."""
+    fused = make(dropout=0.0, view_fusion="mean")
+    m = make(dropout=0.0, view_fusion="per_expert")
+    m.load_state_dict(fused.state_dict(), strict=False)
+    m.eval(), fused.eval()
+    users = torch.tensor([0, 2, 5])
+    with torch.no_grad():
+        t, tf = m.encode(), fused.encode()
+        x = m.expert_inputs(m.expert_weights(), t["r_user"][users])
+        torch.testing.assert_close(x, fused.expert_inputs(fused.expert_weights(), tf["r_user"][users]))
+        m.expert_view_logit[1] = math.log(0.2 / 0.8)  # expert 1: a = 0.2
+        w = m.expert_weights()
+        base = fused.expert_weights()
+        torch.testing.assert_close(w[1], torch.stack([0.8 * base[1, 0], 0.2 * base[1, 0], base[1, 1], base[1, 2]]))
+        x2 = m.expert_inputs(w, t["r_user"][users])
+        z_ui, z_uig = t["z_ui"][users], t["z_uig"][users]
+        h = t["r_user"][users][:, 2:]
+        want = base[1, 0] * (z_ui + 0.2 * (z_uig - z_ui)) + base[1, 1] * h[:, 0] + base[1, 2] * h[:, 1]
+        torch.testing.assert_close(x2[:, 1], want)
+        torch.testing.assert_close(x2[:, 0], x[:, 0])
+    with pytest.raises(ValueError, match="per_expert"):
+        make(view_fusion="per_expert", modality_scale="rms")
 
 
 def test_view_share_weights_the_two_views(make):
@@ -340,7 +368,7 @@ def test_router_grad_detach_keeps_routing_gradient_out_of_z(make):
 
 
 def test_user_cue_target_exclude_is_the_leave_one_out_mean(make):
-    m = make(user_cue_target="exclude")
+    m = make(user_cue_target="exclude", view_fusion="mean")
     t = m.encode()
     deg = m.train_matrix.getnnz(axis=1)
     u = int(next(i for i in range(m.n_users) if deg[i] >= 2))
@@ -375,7 +403,7 @@ def test_lr_scale_groups(make):
 
 
 def test_cue_centering_centres_the_item_cues_and_keeps_eq_8(make):
-    m = make(cue_centering=True)
+    m = make(cue_centering=True, view_fusion="mean")
     assert m.image_proj.bias is None and m.text_proj.bias is None
     t = m.encode()
     for group in (1, 2):  # h^A, h^S: zero mean over the catalogue (no shared component from f_m)
@@ -411,7 +439,7 @@ def test_default_cues_are_not_one_shared_vector(tmp_path):
 def test_modality_scale_rms_matches_each_cue_to_the_behaviour_channel(make):
     """``modality_scale: rms``: r^A and r^S are rescaled so that their RMS row norm over the encoded rows
     (users and items together) equals r^B's; directions are untouched, and a batch uses its own rows."""
-    plain, scaled = make(modality_scale="none"), make(modality_scale="rms")
+    plain, scaled = make(modality_scale="none", view_fusion="mean"), make(modality_scale="rms", view_fusion="mean")
     scaled.load_state_dict(plain.state_dict())
     a, b = plain.encode(), scaled.encode()
     rows_a = torch.cat([a["r_user"], a["r_item"]])
@@ -434,7 +462,7 @@ def test_modality_scale_rms_matches_each_cue_to_the_behaviour_channel(make):
 def test_modality_scale_learned_is_a_trainable_gain_per_cue_channel(make):
     """``modality_scale: learned``: r^A, r^S times exp(s_A), exp(s_S); s = 0 at the start (= none), and the
     gains receive gradient from the loss."""
-    plain, learned = make(modality_scale="none"), make(modality_scale="learned")
+    plain, learned = make(modality_scale="none", view_fusion="mean"), make(modality_scale="learned", view_fusion="mean")
     learned.load_state_dict(plain.state_dict(), strict=False)
     torch.testing.assert_close(learned.encode()["r_item"], plain.encode()["r_item"])
     with torch.no_grad():
@@ -549,7 +577,9 @@ def test_score_parts_rank_by_the_parts_they_name(make):
     torch.testing.assert_close(parts["full"](users), full)
     torch.testing.assert_close(parts["z dot"](users), z[users] @ z[m.n_users:].T)
     u, i = t["r_user"][users], t["r_item"]
-    torch.testing.assert_close(parts["cue similarity"](users), u[:, 1] @ i[:, 1].T + u[:, 2] @ i[:, 2].T)
+    a_, s_ = (2, 3) if m.per_expert_view else (1, 2)  # per_expert: [z^UI, z^UIG, h^A, h^S]; mean: [z, h^A, h^S]
+    torch.testing.assert_close(parts["cue similarity"](users), u[:, a_] @ i[:, a_].T + u[:, s_] @ i[:, s_].T)
+    assert m.per_expert_view  # the default
     assert parts["z^UI dot"](users).shape == (3, m.n_items)
     before = m.image_proj.weight.detach().clone()
     with torch.no_grad():
@@ -656,7 +686,7 @@ def test_checkpoints_from_before_the_controller_module_still_load(make):
 @pytest.mark.parametrize("mode", ["cue", "behaviour"])
 def test_cue_bpr_term_by_hand(make, mode):
     """cue_bpr: BPR per modality on <h^m_u, h^m_i> (cue) or <z_u detached, h^m_i> (behaviour)."""
-    m = make(cue_bpr=mode, cue_bpr_weight=0.5, dropout=0.0)
+    m = make(cue_bpr=mode, cue_bpr_weight=0.5, dropout=0.0, view_fusion="mean")
     users, pos, neg = torch.tensor([0, 3, 3]), torch.tensor([1, 2, 5]), torch.tensor([4, 0, 7])
     parts = m.calculate_loss({"users": users, "pos_items": pos, "neg_items": neg})
     m.eval()
@@ -714,7 +744,7 @@ def test_cue_form_purified_knn_smooths_content_gated_item_ids(make):
     encode's, and full ranking equals pairwise scoring."""
     from mmrec import graph
 
-    m = make(dropout=0.0, cue_form="purified_knn")
+    m = make(dropout=0.0, cue_form="purified_knn", view_fusion="mean")
     m.eval()
     with torch.no_grad():
         t = m.encode()

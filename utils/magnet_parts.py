@@ -75,7 +75,8 @@ def score_parts(model) -> dict:
         "full, no cues": lambda users: _without_cues(model, users),
         "z dot": lambda users: z[users] @ z[n_u:].T,
         "z^UI dot": lambda users: z_ui[users] @ z_ui[n_u:].T,
-        "cue similarity": lambda users: r_u[users, 1] @ r_i[:, 1].T + r_u[users, 2] @ r_i[:, 2].T,
+        # the cue channels are the last two (view_fusion per_expert puts z^UI and z^UIG before them)
+        "cue similarity": lambda users: r_u[users, -2] @ r_i[:, -2].T + r_u[users, -1] @ r_i[:, -1].T,
     }
 
 
@@ -246,14 +247,15 @@ def main(argv=None) -> int:
             popularity = np.asarray(dataset.train_matrix.sum(axis=0)).ravel()
             print(f"mean gates per item-popularity bucket ({', '.join(model.expert_names)}) and the behaviour gain "
                   "sum_e g_e (w^B_e)^2:")
-            for name, items, gain, gates in gates_by_popularity(item_gates, model.expert_weights()[:, 0], popularity):
+            for name, items, gain, gates in gates_by_popularity(item_gates, model.expert_weights()[:, :-2].sum(1), popularity):
                 print(f"{name:10s} {items:6d} items  gain {gain:.3f}  gates " + " ".join(f"{g:.3f}" for g in gates))
             return 0
         tables = model.encode()
         rows = torch.cat([tables["r_user"], tables["r_item"]])
         rms = rows.pow(2).sum(-1).mean(0).sqrt().tolist()
-        print(f"{a.run_dir}: best epoch {state.get('epoch')}; RMS row norm r^B {rms[0]:.3f}  r^A {rms[1]:.3f}  "
-              f"r^S {rms[2]:.3f}")
+        channels = (["r^B"] if len(rms) == 3 else ["r^B(z^UI)", "r^B(z^UIG)"]) + ["r^A", "r^S"]
+        print(f"{a.run_dir}: best epoch {state.get('epoch')}; RMS row norm "
+              + "  ".join(f"{name} {value:.3f}" for name, value in zip(channels, rms)))
         print(f"{'score':16s} valid R@{a.k}  valid N@{a.k}  test R@{a.k}  test N@{a.k}")
         for name, score in score_parts(model).items():
             res = {s: evaluate(_Scorer(model, score), dataset, s, [a.k])["metrics"] for s in ("valid", "test")}
