@@ -167,8 +167,7 @@ class WeightAverage:
     (validation, best-state capture) and after which it holds its raw training weights again."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"config 'weight_averaging' is {decay}: use 0 (off) or a decay in (0, 1), e.g. 0.99")
+        """``decay`` in (0, 1): the config's range check (``weight_averaging``) is the one place that enforces it."""
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.decay = decay
         self.steps = 0
