@@ -580,14 +580,20 @@ def bipartite_sym_weights(users: torch.Tensor, items: torch.Tensor, n_users: int
     return du.pow(-0.5)[users] * di.pow(-0.5)[items]
 
 
-def degree_sensitive_prune(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int,
-                           drop_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """FREEDOM's pruned graph: keep int(|E| (1 - drop_ratio)) edges sampled without replacement with
-    probability proportional to 1/sqrt(d_u d_i), re-normalise the kept edges with their own degrees
-    (+1e-7) and mirror them into a (U+I) x (U+I) sparse tensor."""
+def degree_sensitive_keep(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int,
+                          drop_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """FREEDOM's edge sample: the positions of int(|E| (1 - drop_ratio)) edges drawn without replacement
+    with probability proportional to 1/sqrt(d_u d_i) (so edges between popular nodes are dropped most)."""
     weights = bipartite_sym_weights(users, items, n_users, n_items)
     n_keep = int(users.numel() * (1.0 - drop_ratio))  # IEEE double truncation, as the reference
-    keep = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+    return torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+
+
+def degree_sensitive_prune(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int,
+                           drop_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """FREEDOM's pruned graph: the edges of ``degree_sensitive_keep``, re-normalised with their own
+    degrees (+1e-7) and mirrored into a (U+I) x (U+I) sparse tensor."""
+    keep = degree_sensitive_keep(users, items, n_users, n_items, drop_ratio, generator)
     ku, ki = users[keep], items[keep]
     kv = bipartite_sym_weights(ku, ki, n_users, n_items)
     n = n_users + n_items

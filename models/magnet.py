@@ -29,6 +29,7 @@ import logging
 import math
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,7 +226,7 @@ class MAGNET(GeneralRecommender):
     graph/image/text channels, and entropy-triggered progressive routing. Paper and equations: this module's
     docstring. Keys it reads (configs/model/MAGNET.yaml): alpha, aux_order, behaviour_residual, beta,
     candidate_popularity_discount, candidate_score, com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_form,
-    cue_init, cue_input, cue_lr_scale, delta, dropout, embedding_lr_scale, embedding_reg, entropy_smoothing,
+    cue_init, cue_input, cue_lr_scale, delta, dropout, edge_dropout, embedding_lr_scale, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     fanout_resample_steps, fixed_switch_epoch, head_lr_scale, induced_edge_scale, induced_edge_weight,
     item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
@@ -248,7 +249,7 @@ class MAGNET(GeneralRecommender):
         "candidate_score": ("in", ("pool_dense", "topk_sparse")),
         "induced_edge_weight": ("in", ("binary", "score")),
         "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
-        "fanout": (">=", 0), "fanout_resample_steps": (">=", 0),
+        "fanout": (">=", 0), "fanout_resample_steps": (">=", 0), "edge_dropout": ("between", (0, 0.99)),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
         "cue_form": ("in", ("projection", "purified_knn")),
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
@@ -299,6 +300,13 @@ class MAGNET(GeneralRecommender):
         self.use_moe = bool(cfg["moe"])
         self.fanout = int(cfg["fanout"])
         self.fanout_resample_steps = int(cfg["fanout_resample_steps"])
+        # edge_dropout p (an extension, FREEDOM's degree-sensitive pruning): each training epoch propagates
+        # over G_UI and G_UIG built from a (1 - p) sample of the observed edges (E+ kept whole), so a training
+        # pair's own edge is absent from its propagation with probability ~p, as a held-out pair's always is
+        # (redrawn every fanout_resample_steps steps when that is set)
+        self.edge_dropout = float(cfg.get("edge_dropout", 0.0))
+        if self.edge_dropout > 0 and self.fanout > 0:
+            raise ValueError("edge_dropout and fanout both resample the training graphs; set one of them to 0")
         self.seed = int(cfg["seed"])
         self.lambda_ctr = float(cfg["lambda_ctr"])
         # Eq. 32's lambda ||Theta||^2 on the ID rows of the batch (MMRec's reading for ID tables; the coupled
@@ -449,12 +457,14 @@ class MAGNET(GeneralRecommender):
         self.adj_ui = self.adj_ui_cpu.to(self.device)
         self.adj_uig = self.adj_uig_cpu = None
         self.graph_stats: dict = {"view": self.view}
+        self.augment = None  # observed edges -> G_UIG's user-item matrix (observed + E+)
         if self.view == "SV":
             return
         r = int(cfg["expansion_r"])
         induced = config_induced_edges(self.dataset, cfg)
-        aug = augmented_matrix(self.train_matrix, induced, str(cfg["induced_edge_weight"]),
-                               float(cfg["induced_edge_scale"]))
+        self.augment = lambda observed: augmented_matrix(observed, induced, str(cfg["induced_edge_weight"]),
+                                                         float(cfg["induced_edge_scale"]))
+        aug = self.augment(self.train_matrix)
         self.adj_uig_cpu = graph.to_torch_sparse(graph.norm_adjacency(aug, "sym"))  # neighbour sampling reads it
         self.adj_uig = self.adj_uig_cpu.to(self.device)
         n_plus = int(induced["users"].size)
@@ -498,6 +508,8 @@ class MAGNET(GeneralRecommender):
         """The propagation matrices of G_UI and G_UIG: the full graphs, or in training with ``fanout`` F > 0
         a neighbour sample per layer (Eq. 4), redrawn once per epoch (or every ``fanout_resample_steps``
         steps) from a seed of (seed, epoch, draw), so a resumed run draws the same samples."""
+        if self.training and self.edge_dropout > 0:
+            return self._pruned_views()
         if not (self.training and self.fanout > 0):
             return {"ui": self.adj_ui, "uig": self.adj_uig}
         draw = self._train_encodes // self.fanout_resample_steps if self.fanout_resample_steps else 0
@@ -509,6 +521,26 @@ class MAGNET(GeneralRecommender):
                     graph.csr_operator(sample_fanout(graph.scipy_csr(adj), self.fanout, rng), self.device)
                     for _ in range(self.n_layers)]
                 for name, adj in (("ui", self.adj_ui_cpu), ("uig", self.adj_uig_cpu))}}
+        return self._sampled_views
+
+    def _pruned_views(self) -> dict[str, torch.Tensor | None]:
+        """``edge_dropout``: G_UI and G_UIG over a degree-sensitive sample of the observed edges, drawn once per
+        epoch or every ``fanout_resample_steps`` steps (``graph.degree_sensitive_keep``, seeded by (seed, epoch,
+        draw), so a resumed run draws the same graphs),
+        each re-normalised with the kept edges' degrees; E+ is added whole to G_UIG."""
+        draw = self._train_encodes // self.fanout_resample_steps if self.fanout_resample_steps else 0
+        key = ("pruned", int(self.sample_epoch), draw)
+        if self._sampled_views.get("key") != key:
+            observed = self.train_matrix.tocoo()
+            users, items = torch.from_numpy(observed.row.astype(np.int64)), torch.from_numpy(observed.col.astype(np.int64))
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *key[1:]]).generate_state(1)[0]))
+            keep = graph.degree_sensitive_keep(users, items, self.n_users, self.n_items, self.edge_dropout,
+                                               generator).numpy()
+            kept = sp.csr_matrix((np.ones(keep.size, dtype=np.float32), (observed.row[keep], observed.col[keep])),
+                                 shape=self.train_matrix.shape)
+            self._sampled_views = {"key": key, "ui": graph.csr_operator(graph.norm_adjacency(kept, "sym"), self.device),
+                                   "uig": None if self.augment is None else graph.csr_operator(
+                                       graph.norm_adjacency(self.augment(kept), "sym"), self.device)}
         return self._sampled_views
 
     def encode(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None) -> dict:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmrec import graph
 from mmrec.config import load_config
 from models.magnet import (MAGNET, confidence_loss, coverage_loss, entropy, stage_weight_factors, topk_gates,
                            view_contrastive)
@@ -785,3 +787,38 @@ def test_behaviour_residual_adds_the_graph_dot_product(make, head):
         y_on = on.score_pairs(t, users, items)[0]
         y_off = off.score_pairs(off.encode(), users, items)[0]
         torch.testing.assert_close(y_on, y_off + 0.5 * (z[users] * z[on.n_users + items]).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_edge_dropout_propagates_over_a_pruned_sample_of_the_observed_edges(make):
+    """edge_dropout p (extension): in training, G_UI and G_UIG are rebuilt each epoch from int(|E| (1 - p))
+    observed edges (degree-sensitive, seeded by (seed, epoch)), each sym-normalised over its kept edges, with
+    E+ kept whole in G_UIG; evaluation propagates over the full graphs."""
+    m = make(edge_dropout=0.5, fanout_resample_steps=0)
+    n_obs = m.train_matrix.nnz
+    m.train()
+    m.pre_epoch_processing()
+    views = m.views()
+    ui = graph.scipy_csr(views["ui"])
+    assert ui.nnz == 2 * int(n_obs * 0.5)  # kept edges, mirrored
+    kept = ui[:m.n_users, m.n_users:]
+    assert set(zip(*kept.nonzero())) <= set(zip(*m.train_matrix.nonzero()))
+    deg = np.asarray((kept != 0).sum(1)).ravel()
+    u, i = kept.nonzero()
+    deg_i = np.asarray((kept != 0).sum(0)).ravel()
+    np.testing.assert_allclose(np.asarray(kept[u, i]).ravel(), 1 / np.sqrt(deg[u] * deg_i[i]), rtol=1e-5)
+    full_uig = graph.scipy_csr(m.adj_uig)[:m.n_users, m.n_users:]
+    observed = set(zip(*m.train_matrix.nonzero()))
+    induced = {e for e in zip(*full_uig.nonzero()) if e not in observed}
+    pruned_uig = set(zip(*graph.scipy_csr(views["uig"])[:m.n_users, m.n_users:].nonzero()))
+    assert induced and induced <= pruned_uig and pruned_uig == induced | set(zip(u, i))
+    assert m.views()["ui"] is views["ui"]  # one sample per epoch
+    again = make(edge_dropout=0.5, fanout_resample_steps=0)
+    again.train()
+    again.pre_epoch_processing()
+    assert (graph.scipy_csr(again.views()["ui"]) != ui).nnz == 0  # (seed, epoch) decide the sample
+    m.pre_epoch_processing()
+    assert (graph.scipy_csr(m.views()["ui"]) != ui).nnz > 0  # redrawn next epoch
+    m.eval()
+    assert m.views()["ui"] is m.adj_ui and m.views()["uig"] is m.adj_uig
+    with pytest.raises(ValueError, match="edge_dropout"):
+        make(edge_dropout=0.2, fanout=5)
