@@ -3,9 +3,10 @@
     python benchmarks/bench_magnet.py                     # baby_synth (19,445 users, 7,050 items), all threads
     python benchmarks/bench_magnet.py --dataset mini --train-batches 5 --threads 1
 
-Prints Markdown tables: for LightGCN, MAGNET-DV (full propagation), MAGNET-DV with a neighbour-sampling
-fanout and MAGNET-SV, seconds per training epoch (mean step time over a fixed number of steps times the
-steps per epoch, plus the per-epoch neighbour sample) and per full evaluation pass (``evaluate`` on the
+Prints Markdown tables: for LightGCN, MAGNET-DV with neighbour sampling (the defaults: F = 10, a new
+draw every step, timed inside each step), MAGNET-DV with full-graph propagation (``fanout: 0``) and
+MAGNET-SV (full graph), seconds per training epoch (mean step time over a fixed number of steps times the
+steps per epoch, plus the per-epoch neighbour sample when draws are per epoch) and per full evaluation pass (``evaluate`` on the
 validation split, as the trainer runs it), each as a ratio to LightGCN; then the training step split
 into phases (batch sampling, propagation per view, cues, head/router/losses, optimiser step) and the
 full ranking split into phases (forward once per pass; per 2,048-user block: expert scores, Top-K gates,
@@ -210,7 +211,9 @@ def main() -> None:
     p.add_argument("--dataset", default="baby_synth")
     p.add_argument("--train-batches", type=int, default=10, help="timed training steps per model")
     p.add_argument("--eval-passes", type=int, default=1, help="timed full evaluation passes per model")
-    p.add_argument("--fanout", type=int, default=20, help="F of the sampled MAGNET-DV row (0: no such row)")
+    p.add_argument("--fanout", type=int, default=10, help="F of the sampled MAGNET-DV row (0: no such row)")
+    p.add_argument("--resample-steps", type=int, default=1,
+                   help="fanout_resample_steps of the sampled row (1: a new draw every step, the default; 0: per epoch)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, all cores)")
     p.add_argument("--data-path", default=str(ROOT / "data"))
     p.add_argument("--cache-dir", default=None)
@@ -233,13 +236,15 @@ def main() -> None:
         print(f"  load  (warm, cache)   : {warm['seconds']:8.2f} s   peak +{warm['peak_mib']:8.1f} MiB  "
               f"(hits {warm['cache_hits']}, misses {warm['cache_misses']})", flush=True)
         sets = {"cache_dir": cache, "data_path": a.data_path, "num_threads": a.threads}
-        variants = [("LightGCN", "LightGCN", {}), ("MAGNET-DV", "MAGNET", {"view": "DV"})]
+        variants = [("LightGCN", "LightGCN", {}), ("MAGNET-DV", "MAGNET", {"view": "DV", "fanout": 0})]
         if a.fanout > 0:
-            variants.append((f"MAGNET-DV F={a.fanout}", "MAGNET", {"view": "DV", "fanout": a.fanout}))
-        variants.append(("MAGNET-SV", "MAGNET", {"view": "SV"}))
+            every = {0: "per epoch", 1: "every step"}.get(a.resample_steps, f"every {a.resample_steps} steps")
+            variants.append((f"MAGNET-DV F={a.fanout} {every}", "MAGNET",
+                             {"view": "DV", "fanout": a.fanout, "fanout_resample_steps": a.resample_steps}))
+        variants.append(("MAGNET-SV", "MAGNET", {"view": "SV", "fanout": 0}))
         rows = {}
         for label, model, extra in variants:
-            sampled = "fanout" in extra
+            sampled = extra.get("fanout", 0) > 0
             rows[label] = time_model(model, a.dataset, {**sets, **extra}, a.train_batches,
                                      0 if sampled else a.eval_passes)
             if sampled:  # evaluation propagates on the full graph: the same pass as MAGNET-DV's

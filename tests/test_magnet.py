@@ -16,7 +16,7 @@ from models.magnet import (MAGNET, confidence_loss, coverage_loss, entropy, stag
                            view_contrastive)
 from tests.helpers import model_factory
 
-SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1,
+SMALL = {"knn_k": 3, "expansion_r": 4, "embedding_size": 8, "num_threads": 1, "fanout": 0,
          "stage1_min_steps": 0, "switch_signal": "dense", "entropy_smoothing": "none"}  # literal Eq. 26
 
 
