@@ -512,8 +512,7 @@ class MAGNET(GeneralRecommender):
             return self._pruned_views()
         if not (self.training and self.fanout > 0):
             return {"ui": self.adj_ui, "uig": self.adj_uig}
-        draw = self._train_encodes // self.fanout_resample_steps if self.fanout_resample_steps else 0
-        key = (int(self.sample_epoch), draw)
+        key = (int(self.sample_epoch), self._draw_index())
         if self._sampled_views.get("key") != key:
             rng = np.random.default_rng([self.seed, *key])
             self._sampled_views = {"key": key, **{
@@ -523,15 +522,18 @@ class MAGNET(GeneralRecommender):
                 for name, adj in (("ui", self.adj_ui_cpu), ("uig", self.adj_uig_cpu))}}
         return self._sampled_views
 
+    def _draw_index(self) -> int:
+        """Which draw of the epoch the training graphs come from (``fanout_resample_steps``; 0: one per epoch)."""
+        return self._train_encodes // self.fanout_resample_steps if self.fanout_resample_steps else 0
+
     def _pruned_views(self) -> dict[str, torch.Tensor | None]:
         """``edge_dropout``: G_UI and G_UIG over a degree-sensitive sample of the observed edges, drawn once per
         epoch or every ``fanout_resample_steps`` steps (``graph.degree_sensitive_keep``, seeded by (seed, epoch,
         draw), so a resumed run draws the same graphs),
         each re-normalised with the kept edges' degrees; E+ is added whole to G_UIG."""
-        draw = self._train_encodes // self.fanout_resample_steps if self.fanout_resample_steps else 0
-        key = ("pruned", int(self.sample_epoch), draw)
+        key = ("pruned", int(self.sample_epoch), self._draw_index())
         if self._sampled_views.get("key") != key:
-            observed = self.train_matrix.tocoo()
+            observed = self.train_matrix.tocoo()  # (row, col) order is fixed, so the draw is reproducible
             users, items = torch.from_numpy(observed.row.astype(np.int64)), torch.from_numpy(observed.col.astype(np.int64))
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *key[1:]]).generate_state(1)[0]))
             keep = graph.degree_sensitive_keep(users, items, self.n_users, self.n_items, self.edge_dropout,
