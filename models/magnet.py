@@ -438,6 +438,7 @@ class MAGNET(GeneralRecommender):
             self.expert_view_logit = nn.Parameter(torch.full((self.n_experts,), math.log(share / (1 - share))))
         self.expert_dropout = nn.Dropout(float(cfg["dropout"]))
         self._sampled_views: dict = {}
+        self._observed_edges: tuple[torch.Tensor, torch.Tensor] | None = None  # edge_dropout's edge list, built once
         self._train_encodes = 0  # training forwards this epoch (fanout resampling counts them)
         self._init_controller()
         self.trace_every = int(cfg["routing_trace_every"])
@@ -533,12 +534,14 @@ class MAGNET(GeneralRecommender):
         each re-normalised with the kept edges' degrees; E+ is added whole to G_UIG."""
         key = ("pruned", int(self.sample_epoch), self._draw_index())
         if self._sampled_views.get("key") != key:
-            observed = self.train_matrix.tocoo()  # (row, col) order is fixed, so the draw is reproducible
-            users, items = torch.from_numpy(observed.row.astype(np.int64)), torch.from_numpy(observed.col.astype(np.int64))
+            if self._observed_edges is None:  # (users, items) of the observed edges, in a fixed order
+                observed = self.train_matrix.tocoo()
+                self._observed_edges = (torch.from_numpy(observed.row.astype(np.int64)),
+                                        torch.from_numpy(observed.col.astype(np.int64)))
+            users, items = self._observed_edges
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *key[1:]]).generate_state(1)[0]))
-            keep = graph.degree_sensitive_keep(users, items, self.n_users, self.n_items, self.edge_dropout,
-                                               generator).numpy()
-            kept = sp.csr_matrix((np.ones(keep.size, dtype=np.float32), (observed.row[keep], observed.col[keep])),
+            keep = graph.degree_sensitive_keep(users, items, self.n_users, self.n_items, self.edge_dropout, generator)
+            kept = sp.csr_matrix((np.ones(keep.numel(), dtype=np.float32), (users[keep].numpy(), items[keep].numpy())),
                                  shape=self.train_matrix.shape)
             self._sampled_views = {"key": key, "ui": graph.csr_operator(graph.norm_adjacency(kept, "sym"), self.device),
                                    "uig": None if self.augment is None else graph.csr_operator(
