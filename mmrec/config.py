@@ -121,7 +121,8 @@ def _merge_hyper(base: list, extra) -> list:
 RANGES: dict[str, tuple[str, Any]] = {
     "epochs": (">=", 1), "train_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "eval_step": (">=", 1),
     "max_steps_per_epoch": (">=", 0), "optimizer_impl": ("in", ("fused", "foreach")),
-    "stopping_step": (">=", 0), "learning_rate": (">", 0), "weight_decay": (">=", 0), "embedding_size": (">=", 1),
+    "stopping_step": (">=", 0), "stopping_start_epoch": (">=", 0), "learning_rate": (">", 0), "weight_decay": (">=", 0),
+    "embedding_size": (">=", 1),
     "n_layers": (">=", 0), "num_threads": (">=", 0), "save_topk": (">=", 0), "metric_decimals": (">=", 0),
     "learning_rate_floor": (">=", 0), "weight_averaging": ("between", (0, 0.9999)), "split": ("in", ("x_label", "random")),
     "similarity_whitening": (">=", 0), "similarity_smoothing": (">=", 0),

@@ -5,7 +5,9 @@ the early-stopping update.  The test split is scored once, after training, with 
 validation epoch (MMRec scores test at every improvement: the same numbers from one pass instead of one
 per improvement).  Early stopping follows MMRec exactly: the first evaluation sets the best; the valid
 metric, rounded to ``metric_decimals``, must strictly improve; training stops once the count of
-non-improving evaluations exceeds ``stopping_step``.
+non-improving evaluations exceeds ``stopping_step``, and not before ``stopping_start_epoch`` epochs have run
+(0, MMRec: from the first; a model whose validation curve dips early and recovers sets it, so patience
+cannot end the run in the dip; the best epoch is still chosen over every evaluation).
 
 With ``weight_averaging: d`` (0 < d < 1) validation, the best-epoch weights and test use an exponential
 moving average of the parameters, updated after every optimiser step with decay min(d, (1 + t) / (10 + t))
@@ -38,13 +40,14 @@ from mmrec.evaluation import evaluate
 log = logging.getLogger("mmrec")
 
 
-def early_stopping(best: float, score: float, bad_evals: int, patience: int) -> tuple[bool, int, bool]:
+def early_stopping(best: float, score: float, bad_evals: int, patience: int,
+                   may_stop: bool = True) -> tuple[bool, int, bool]:
     """MMRec's rule: (improved, evaluations without improvement, stop).  A score must beat the best (a tie,
     after rounding to ``metric_decimals``, does not); training stops once more than ``patience``
-    evaluations in a row have not improved."""
+    evaluations in a row have not improved, if ``may_stop`` (``stopping_start_epoch`` reached)."""
     if score > best:
         return True, 0, False
-    return False, bad_evals + 1, bad_evals + 1 > patience
+    return False, bad_evals + 1, may_stop and bad_evals + 1 > patience
 
 
 def reset_peak_memory() -> None:
@@ -343,6 +346,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.config
         epochs, eval_step, stopping_step = int(cfg["epochs"]), int(cfg["eval_step"]), int(cfg["stopping_step"])
+        stopping_start = int(cfg.get("stopping_start_epoch", 0) or 0)
         save_topk = int(cfg.get("save_topk", 0) or 0)
         diverged = None
         while self.epoch < epochs and self.stopped_by != "early_stopping":
@@ -378,7 +382,7 @@ class Trainer:
                     valid = self._evaluate("valid")["metrics"]
                     score = round(valid[self.valid_metric], self.decimals)
                     improved, self.bad_evals, stop = early_stopping(self.best_score, score, self.bad_evals,
-                                                                    stopping_step)
+                                                                    stopping_step, self.epoch + 1 >= stopping_start)
                     if improved:
                         self._best_state = {k: v.detach().to("cpu", copy=True)
                                             for k, v in self.model.state_dict().items()}

@@ -258,3 +258,29 @@ def test_weight_averaging_out_of_range_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="weight_averaging"):
         tiny_setup(tmp_path, "BPR", overrides={"weight_averaging": 1.0})
+
+
+def test_stopping_start_epoch_lets_a_run_recover_from_an_early_dip(tmp_path, monkeypatch):
+    """Patience alone would stop in the dip (epoch 4, best epoch 1); with stopping_start_epoch 7 the run goes on,
+    passes the early peak at epoch 6, and then stops by the usual rule, keeping the later best."""
+    cfg, ds = tiny_setup(tmp_path, "BPR", overrides={"epochs": 50, "stopping_step": 2, "checkpoint": False,
+                                                     "stopping_start_epoch": 7})
+    from models.bpr import BPR
+
+    trainer = Trainer(cfg, BPR(cfg, ds), ds, None)
+    script = iter([0.2, 0.3, 0.25, 0.24, 0.26, 0.28, 0.31, 0.30, 0.29, 0.30, 0.9])
+
+    def fake_eval(split, keep_topk=0):
+        value = next(script) if split == "valid" else -1.0
+        return {"metrics": {k: value for k in _keys(cfg)}}
+
+    monkeypatch.setattr(trainer, "_evaluate", fake_eval)
+    res = trainer.fit()
+    assert res["best_epoch"] == 6 and res["epochs_run"] == 10 and res["stopped_by"] == "early_stopping"
+
+
+def test_stopping_start_epoch_stops_at_once_when_patience_ran_out_before_it():
+    from mmrec.trainer import early_stopping
+
+    assert early_stopping(0.3, 0.2, 7, 2, may_stop=False) == (False, 8, False)  # before stopping_start_epoch
+    assert early_stopping(0.3, 0.2, 8, 2, may_stop=True) == (False, 9, True)    # the first epoch it may stop
