@@ -40,7 +40,8 @@ from mmrec.layers import xavier_tables
 from mmrec.recommender import GeneralRecommender
 from models.magnet_routing import (SCHEDULES, STAGE_WEIGHTS, StageController, confidence_loss,  # noqa: F401
                                    coverage_loss, entropy, stage_weight_factors)
-from models.magnet_graph import FAMILIES, augmented_matrix, config_induced_edges, sample_fanout, template_pool
+from models.magnet_graph import (FAMILIES, augmented_matrix, config_induced_edges, sample_fanout, template_pool,
+                                 without_pairs)
 
 log = logging.getLogger("mmrec." + __name__)
 
@@ -232,7 +233,8 @@ class MAGNET(GeneralRecommender):
     item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
     router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed,
     similarity_smoothing, similarity_whitening, smoothing_steps,
-    stage1_min_steps, stage_weights, switch_signal, switch_unit, tau, templates, trigger_window, user_cue_target,
+    stage1_min_steps, stage_weights, switch_signal, switch_unit, target_edges, tau, templates, trigger_window,
+    user_cue_target,
     view, view_fusion, view_share, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
     #: the stage controller's buffers were ctl_* on the model before it became its own module
@@ -250,6 +252,7 @@ class MAGNET(GeneralRecommender):
         "induced_edge_weight": ("in", ("binary", "score")),
         "induced_edge_scale": (">", 0), "candidate_popularity_discount": (">=", 0),
         "fanout": (">=", 0), "fanout_resample_steps": (">=", 0), "edge_dropout": ("between", (0, 0.99)),
+        "target_edges": ("in", ("keep", "drop")),
         "cue_input": ("in", ("raw", "l2", "knn")), "cue_init": ("in", ("default", "pca")),
         "cue_form": ("in", ("projection", "purified_knn")),
         "modality_scale": ("in", ("none", "rms", "learned")), "user_cue_target": ("in", ("keep", "exclude")),
@@ -307,6 +310,14 @@ class MAGNET(GeneralRecommender):
         self.edge_dropout = float(cfg.get("edge_dropout", 0.0))
         if self.edge_dropout > 0 and self.fanout > 0:
             raise ValueError("edge_dropout and fanout both resample the training graphs; set one of them to 0")
+        # target_edges drop (an extension): in training, each batch's positive pairs leave G_UI and G_UIG (after
+        # the fanout sample, if any), so a scored pair never propagates over its own edge, as a held-out pair
+        # cannot; keep = Eqs. 4-5 over every observed edge
+        self.target_edges = str(cfg.get("target_edges", "keep"))
+        if self.target_edges == "drop" and self.edge_dropout > 0:
+            raise ValueError("target_edges: drop works on the full graphs or with fanout, not with edge_dropout; "
+                             "set edge_dropout to 0")
+        self._held_out: tuple[torch.Tensor, torch.Tensor] | None = None  # the training batch's (users, positives)
         self.seed = int(cfg["seed"])
         self.lambda_ctr = float(cfg["lambda_ctr"])
         # Eq. 32's lambda ||Theta||^2 on the ID rows of the batch (MMRec's reading for ID tables; the coupled
@@ -508,20 +519,29 @@ class MAGNET(GeneralRecommender):
     def views(self) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
         """The propagation matrices of G_UI and G_UIG: the full graphs, or in training with ``fanout`` F > 0
         a neighbour sample per layer (Eq. 4), redrawn once per epoch (or every ``fanout_resample_steps``
-        steps) from a seed of (seed, epoch, draw), so a resumed run draws the same samples."""
+        steps) from a seed of (seed, epoch, draw), so a resumed run draws the same samples; with
+        ``target_edges: drop`` the training batch's positive edges are taken out of them."""
         if self.training and self.edge_dropout > 0:
             return self._pruned_views()
-        if not (self.training and self.fanout > 0):
+        held_out = self._held_out if self.training and self.target_edges == "drop" else None
+        if not (self.training and self.fanout > 0) and held_out is None:
             return {"ui": self.adj_ui, "uig": self.adj_uig}
-        key = (int(self.sample_epoch), self._draw_index())
+        key = (int(self.sample_epoch), self._draw_index() if self.fanout > 0 else 0)
         if self._sampled_views.get("key") != key:
             rng = np.random.default_rng([self.seed, *key])
-            self._sampled_views = {"key": key, **{
-                name: None if adj is None else [
-                    graph.csr_operator(sample_fanout(graph.scipy_csr(adj), self.fanout, rng), self.device)
-                    for _ in range(self.n_layers)]
-                for name, adj in (("ui", self.adj_ui_cpu), ("uig", self.adj_uig_cpu))}}
-        return self._sampled_views
+            layers = {name: None if adj is None else (
+                [sample_fanout(graph.scipy_csr(adj), self.fanout, rng) for _ in range(self.n_layers)]
+                if self.fanout > 0 else [graph.scipy_csr(adj)] * self.n_layers)
+                for name, adj in (("ui", self.adj_ui_cpu), ("uig", self.adj_uig_cpu))}
+            self._sampled_views = {"key": key, "layers": layers, **{
+                name: None if mats is None else [graph.csr_operator(m, self.device) for m in mats]
+                for name, mats in layers.items()}}
+        if held_out is None:
+            return {"ui": self._sampled_views["ui"], "uig": self._sampled_views["uig"]}
+        users, items = (t.cpu().numpy() for t in held_out)
+        return {name: None if mats is None else [
+            graph.csr_operator(without_pairs(m, users, items, self.n_users), self.device) for m in mats]
+            for name, mats in self._sampled_views["layers"].items()}
 
     def _draw_index(self) -> int:
         """Which draw of the epoch the training graphs come from (``fanout_resample_steps``; 0: one per epoch)."""
@@ -688,7 +708,11 @@ class MAGNET(GeneralRecommender):
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         # the batch's own users and items (sorted), and each pair's position among them
         batch_users, batch_items, u_at, pos_at, neg_at = graph.batch_rows(users, pos, neg)
-        tables = self.encode(batch_users, batch_items)
+        self._held_out = (users, pos)  # target_edges: drop reads them in views()
+        try:
+            tables = self.encode(batch_users, batch_items)
+        finally:
+            self._held_out = None
         reps_user = tables["r_user"][u_at]
         if self.cue_target == "exclude":  # h_u of Eq. 8 over I_u minus the positive being scored
             reps_user = self._cues_without_target(reps_user, tables["r_item"][pos_at], users)

@@ -261,3 +261,16 @@ def sample_fanout(adj: sp.spmatrix, fanout: int, rng: np.random.Generator) -> sp
                         shape=adj.shape)
     out.sort_indices()
     return out
+
+
+def without_pairs(adj: sp.csr_matrix, users: np.ndarray, items: np.ndarray, n_users: int) -> sp.csr_matrix:
+    """A bipartite propagation matrix over [users; items] with the entries of the given (user, item) pairs
+    removed in both directions, (u, n_users + i) and (n_users + i, u); every other entry as it was
+    (``target_edges: drop``: a training batch's positives leave the graphs it propagates over)."""
+    n = adj.shape[0]
+    rows = np.concatenate([users, items + n_users])
+    cols = np.concatenate([items + n_users, users])
+    mask = sp.csr_matrix((np.ones(rows.size, dtype=bool), (rows, cols)), shape=(n, n))  # repeats stay True
+    out = (adj - adj.multiply(mask)).tocsr()
+    out.eliminate_zeros()
+    return out

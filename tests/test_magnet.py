@@ -822,3 +822,41 @@ def test_edge_dropout_propagates_over_a_pruned_sample_of_the_observed_edges(make
     assert m.views()["ui"] is m.adj_ui and m.views()["uig"] is m.adj_uig
     with pytest.raises(ValueError, match="edge_dropout"):
         make(edge_dropout=0.2, fanout=5)
+
+
+@pytest.mark.parametrize("fanout", [0, 2])
+def test_target_edges_drop_takes_the_batch_positives_out_of_both_graphs(make, fanout):
+    """target_edges: drop (extension): in training, each batch's positive (user, item) edges leave G_UI and G_UIG
+    in both directions, on the full graphs or on the step's neighbour sample; every other entry is unchanged,
+    and evaluation propagates over the full graphs."""
+    m = make(target_edges="drop", fanout=fanout)
+    m.train()
+    m.pre_epoch_processing()
+    users, items = m.train_matrix.nonzero()
+    users, items = torch.from_numpy(users[:3].astype(np.int64)), torch.from_numpy(items[:3].astype(np.int64))
+    m._held_out = (users, items)
+    cut = {name: [graph.scipy_csr(a) for a in layers] for name, layers in m.views().items()}
+    m._held_out = None
+    whole = m._sampled_views["layers"]  # the step's graphs before the cut: the full ones, or the sample
+    if fanout == 0:
+        assert abs(whole["ui"][0] - graph.scipy_csr(m.adj_ui)).max() == 0
+    else:
+        assert graph.scipy_csr(m.views()["ui"][0]).nnz == whole["ui"][0].nnz < m.adj_ui._nnz()
+    pairs = {(int(u), m.n_users + int(i)) for u, i in zip(users, items)}
+    pairs |= {(b, a) for a, b in pairs}
+    for name in ("ui", "uig"):
+        for before, after in zip(whole[name], cut[name]):
+            gone = set(zip(*before.nonzero())) - set(zip(*after.nonzero()))
+            assert gone == pairs & set(zip(*before.nonzero())) and gone  # only the positives' entries go
+            keep = before.tolil()
+            for a, b in pairs:
+                keep[a, b] = 0
+            keep = keep.tocsr()
+            keep.eliminate_zeros()
+            assert abs(keep - after).max() == 0  # the rest keeps its weights
+    loss = m.calculate_loss({"users": users, "pos_items": items, "neg_items": (items + 1) % m.n_items})
+    assert torch.isfinite(sum(loss.values())) and m._held_out is None
+    m.eval()
+    assert m.views()["ui"] is m.adj_ui and m.views()["uig"] is m.adj_uig
+    with pytest.raises(ValueError, match="target_edges"):
+        make(target_edges="drop", edge_dropout=0.2)
