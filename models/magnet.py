@@ -533,15 +533,19 @@ class MAGNET(GeneralRecommender):
                 [sample_fanout(graph.scipy_csr(adj), self.fanout, rng) for _ in range(self.n_layers)]
                 if self.fanout > 0 else [graph.scipy_csr(adj)] * self.n_layers)
                 for name, adj in (("ui", self.adj_ui_cpu), ("uig", self.adj_uig_cpu))}
-            self._sampled_views = {"key": key, "layers": layers, **{
+            self._sampled_views = {"key": key, "layers": layers, **({} if self.fanout == 0 else {
                 name: None if mats is None else [graph.csr_operator(m, self.device) for m in mats]
-                for name, mats in layers.items()}}
+                for name, mats in layers.items()})}  # (full graphs without a hold-out: adj_ui, adj_uig)
         if held_out is None:
             return {"ui": self._sampled_views["ui"], "uig": self._sampled_views["uig"]}
         users, items = (t.cpu().numpy() for t in held_out)
-        return {name: None if mats is None else [
-            graph.csr_operator(without_pairs(m, users, items, self.n_users), self.device) for m in mats]
-            for name, mats in self._sampled_views["layers"].items()}
+        cut: dict[int, torch.Tensor] = {}  # one cut per distinct matrix (the full graph serves every layer)
+        for mats in self._sampled_views["layers"].values():
+            for m in mats or []:
+                if id(m) not in cut:
+                    cut[id(m)] = graph.csr_operator(without_pairs(m, users, items, self.n_users), self.device)
+        return {name: None if mats is None else [cut[id(m)] for m in mats]
+                for name, mats in self._sampled_views["layers"].items()}
 
     def _draw_index(self) -> int:
         """Which draw of the epoch the training graphs come from (``fanout_resample_steps``; 0: one per epoch)."""
