@@ -317,7 +317,6 @@ class MAGNET(GeneralRecommender):
         if self.target_edges == "drop" and self.edge_dropout > 0:
             raise ValueError("target_edges: drop works on the full graphs or with fanout, not with edge_dropout; "
                              "set edge_dropout to 0")
-        self._held_out: tuple[torch.Tensor, torch.Tensor] | None = None  # the training batch's (users, positives)
         self.seed = int(cfg["seed"])
         self.lambda_ctr = float(cfg["lambda_ctr"])
         # Eq. 32's lambda ||Theta||^2 on the ID rows of the batch (MMRec's reading for ID tables; the coupled
@@ -516,14 +515,16 @@ class MAGNET(GeneralRecommender):
         self._reset_epoch_stats()
 
     # -- forward ---------------------------------------------------------------------------------
-    def views(self) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
+    def views(self, held_out: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
         """The propagation matrices of G_UI and G_UIG: the full graphs, or in training with ``fanout`` F > 0
         a neighbour sample per layer (Eq. 4), redrawn once per epoch (or every ``fanout_resample_steps``
         steps) from a seed of (seed, epoch, draw), so a resumed run draws the same samples; with
-        ``target_edges: drop`` the training batch's positive edges are taken out of them."""
+        ``target_edges: drop`` the training batch's positive edges ``held_out`` = (users, items) are taken out
+        of them."""
         if self.training and self.edge_dropout > 0:
             return self._pruned_views()
-        held_out = self._held_out if self.training and self.target_edges == "drop" else None
+        held_out = held_out if self.training and self.target_edges == "drop" else None
         if not (self.training and self.fanout > 0) and held_out is None:
             return {"ui": self.adj_ui, "uig": self.adj_uig}
         key = (int(self.sample_epoch), self._draw_index() if self.fanout > 0 else 0)
@@ -572,17 +573,19 @@ class MAGNET(GeneralRecommender):
                                        graph.norm_adjacency(self.augment(kept), "sym"), self.device)}
         return self._sampled_views
 
-    def encode(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None) -> dict:
+    def encode(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None,
+               held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         """Backbone (Eqs. 4-6) and modality cues (Eqs. 7-8) for the given users and items (all when None).
 
         Rows come in the order given: node tables (``z*``) hold the users, then the items; ``r_user`` /
         ``r_item`` the users / the items.  A training batch asks for its own users and items only: the last
         propagation layer and the cues are then computed for those rows alone (``graph.propagate`` with
         ``rows``; f_m is linear, so a user's cue is f_m of the mean raw feature of its history), equal to
-        the full computation restricted to those rows."""
+        the full computation restricted to those rows.  ``held_out``: the training batch's (users, positives),
+        whose edges leave the graphs under ``target_edges: drop``."""
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
         rows = None if users is None else torch.cat([users, items + self.n_users])
-        views = self.views()
+        views = self.views(held_out)
         if self.training:
             self._train_encodes += 1
         z_ui = graph.propagate(views["ui"], ego, self.n_layers, rows=rows)  # Eq. 5
@@ -712,11 +715,7 @@ class MAGNET(GeneralRecommender):
         users, pos, neg = interaction["users"], interaction["pos_items"], interaction["neg_items"]
         # the batch's own users and items (sorted), and each pair's position among them
         batch_users, batch_items, u_at, pos_at, neg_at = graph.batch_rows(users, pos, neg)
-        self._held_out = (users, pos)  # target_edges: drop reads them in views()
-        try:
-            tables = self.encode(batch_users, batch_items)
-        finally:
-            self._held_out = None
+        tables = self.encode(batch_users, batch_items, held_out=(users, pos))  # (target_edges: drop)
         reps_user = tables["r_user"][u_at]
         if self.cue_target == "exclude":  # h_u of Eq. 8 over I_u minus the positive being scored
             reps_user = self._cues_without_target(reps_user, tables["r_item"][pos_at], users)

@@ -834,9 +834,7 @@ def test_target_edges_drop_takes_the_batch_positives_out_of_both_graphs(make, fa
     m.pre_epoch_processing()
     users, items = m.train_matrix.nonzero()
     users, items = torch.from_numpy(users[:3].astype(np.int64)), torch.from_numpy(items[:3].astype(np.int64))
-    m._held_out = (users, items)
-    cut = {name: [graph.scipy_csr(a) for a in layers] for name, layers in m.views().items()}
-    m._held_out = None
+    cut = {name: [graph.scipy_csr(a) for a in layers] for name, layers in m.views(held_out=(users, items)).items()}
     whole = m._sampled_views["layers"]  # the step's graphs before the cut: the full ones, or the sample
     if fanout == 0:
         assert abs(whole["ui"][0] - graph.scipy_csr(m.adj_ui)).max() == 0
@@ -855,7 +853,7 @@ def test_target_edges_drop_takes_the_batch_positives_out_of_both_graphs(make, fa
             keep.eliminate_zeros()
             assert abs(keep - after).max() == 0  # the rest keeps its weights
     loss = m.calculate_loss({"users": users, "pos_items": items, "neg_items": (items + 1) % m.n_items})
-    assert torch.isfinite(sum(loss.values())) and m._held_out is None
+    assert torch.isfinite(sum(loss.values()))
     m.eval()
     assert m.views()["ui"] is m.adj_ui and m.views()["uig"] is m.adj_uig
     with pytest.raises(ValueError, match="target_edges"):
