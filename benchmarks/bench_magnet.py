@@ -1,7 +1,11 @@
 """MAGNET cost on a Baby-sized dataset, against LightGCN measured in the same run, with a per-phase profile.
 
     python benchmarks/bench_magnet.py                     # baby_synth (19,445 users, 7,050 items), all threads
-    python benchmarks/bench_magnet.py --dataset mini --train-batches 5 --threads 1
+    python benchmarks/bench_magnet.py --dataset mini --train-batches 5 --threads 1 --knn-k 0 --expansion-r 0
+
+E+ is built with Baby's Table 3 graph values (k = 20, r = 150), the cost a ``-d baby`` run pays, unless
+``--knn-k`` / ``--expansion-r`` say otherwise (0: the dataset's config, i.e. the top level's k = 10, r = 30
+on the synthetic sets).
 
 Prints Markdown tables: for LightGCN, MAGNET-DV with neighbour sampling (the defaults: F = 10, a new
 draw every step, timed inside each step), MAGNET-DV with full-graph propagation (``fanout: 0``) and
@@ -45,11 +49,16 @@ def _proc_kib(field: str) -> int:
     return -1
 
 
-def build_child(dataset: str, cache_dir: str, data_path: str) -> dict:
+def graph_sets(knn_k: int, expansion_r: int) -> dict:
+    """The E+ settings the benchmark measures (0 = the dataset's config value)."""
+    return {key: value for key, value in (("knn_k", knn_k), ("expansion_r", expansion_r)) if value > 0}
+
+
+def build_child(dataset: str, cache_dir: str, data_path: str, graph: dict) -> dict:
     """Child process: load the dataset, reset the peak RSS, build (or load) E+, report time and peak."""
     from models.magnet_graph import config_induced_edges
 
-    cfg = load_config("MAGNET", dataset, {"cache_dir": cache_dir, "data_path": data_path})
+    cfg = load_config("MAGNET", dataset, {"cache_dir": cache_dir, "data_path": data_path, **graph})
     ensure_generated(cfg)
     ds = RecDataset(cfg)
     ds.train_fingerprint, ds.feature_hash("v"), ds.feature_hash("t")  # hashing is not part of the build
@@ -66,10 +75,10 @@ def build_child(dataset: str, cache_dir: str, data_path: str) -> dict:
             "cache_hits": ds.cache.hits, "cache_misses": ds.cache.misses}
 
 
-def run_child(dataset: str, cache_dir: str, data_path: str, threads: int) -> dict:
+def run_child(dataset: str, cache_dir: str, data_path: str, threads: int, knn_k: int, expansion_r: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", "--dataset", dataset, "--cache-dir", cache_dir,
-                          "--data-path", data_path, "--threads", str(threads)], capture_output=True, text=True,
-                         check=True)
+                          "--data-path", data_path, "--threads", str(threads), "--knn-k", str(knn_k),
+                          "--expansion-r", str(expansion_r)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -215,6 +224,10 @@ def main() -> None:
     p.add_argument("--resample-steps", type=int, default=1,
                    help="fanout_resample_steps of the sampled row (1: a new draw every step, the default; 0: per epoch)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, all cores)")
+    p.add_argument("--knn-k", type=int, default=20,
+                   help="k of E+'s kNN lists (default 20, Baby's Table 3 value, what `-d baby` pays; 0: the dataset's config)")
+    p.add_argument("--expansion-r", type=int, default=150,
+                   help="r of E+ (default 150, Baby's Table 3 value; 0: the dataset's config, 30 on the synthetic sets)")
     p.add_argument("--data-path", default=str(ROOT / "data"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -222,16 +235,17 @@ def main() -> None:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     if a.child:
-        print(json.dumps(build_child(a.dataset, a.cache_dir, a.data_path)))
+        print(json.dumps(build_child(a.dataset, a.cache_dir, a.data_path, graph_sets(a.knn_k, a.expansion_r))))
         return
     from utils.synth import PRESETS, ensure_dataset
 
     if a.dataset in PRESETS:
         ensure_dataset(Path(a.data_path), a.dataset)
     with tempfile.TemporaryDirectory(prefix="bench_magnet_") as cache:
-        cold = run_child(a.dataset, cache, a.data_path, a.threads)
-        warm = run_child(a.dataset, cache, a.data_path, a.threads)
-        print(f"E+ on {a.dataset}: {cold['edges']:,} induced edges")
+        cold = run_child(a.dataset, cache, a.data_path, a.threads, a.knn_k, a.expansion_r)
+        warm = run_child(a.dataset, cache, a.data_path, a.threads, a.knn_k, a.expansion_r)
+        graph_note = ", ".join(f"{k} {v}" for k, v in graph_sets(a.knn_k, a.expansion_r).items()) or "config k, r"
+        print(f"E+ on {a.dataset} ({graph_note}): {cold['edges']:,} induced edges")
         print(f"  build (cold, kNN + E+): {cold['seconds']:8.2f} s   peak +{cold['peak_mib']:8.1f} MiB")
         print(f"  load  (warm, cache)   : {warm['seconds']:8.2f} s   peak +{warm['peak_mib']:8.1f} MiB  "
               f"(hits {warm['cache_hits']}, misses {warm['cache_misses']})", flush=True)
@@ -245,7 +259,8 @@ def main() -> None:
         rows = {}
         for label, model, extra in variants:
             sampled = extra.get("fanout", 0) > 0
-            rows[label] = time_model(model, a.dataset, {**sets, **extra}, a.train_batches,
+            magnet_graph = graph_sets(a.knn_k, a.expansion_r) if model == "MAGNET" else {}
+            rows[label] = time_model(model, a.dataset, {**sets, **magnet_graph, **extra}, a.train_batches,
                                      0 if sampled else a.eval_passes)
             if sampled:  # evaluation propagates on the full graph: the same pass as MAGNET-DV's
                 rows[label]["eval_s"] = rows["MAGNET-DV"]["eval_s"]

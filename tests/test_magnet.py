@@ -517,6 +517,24 @@ def test_amazon_blocks_hold_table_3_only():
         assert not differing, (name, differing)
 
 
+def test_datasets_without_an_amazon_block_train_with_the_top_level():
+    """One recipe: the synthetic sets (baby_synth included, though it has Baby's size) get no per-dataset
+    MAGNET values; only the four Amazon blocks exist, and every model key of mid_synth and baby_synth equals
+    mini's."""
+    import yaml
+    from pathlib import Path
+
+    blocks = yaml.safe_load((Path(__file__).parents[1] / "configs/model/MAGNET.yaml").read_text())["dataset_overrides"]
+    assert set(blocks) == {"baby", "sports", "clothing", "elec"}
+    top = load_config("MAGNET", "mini").to_dict()
+    model_keys = set(yaml.safe_load((Path(__file__).parents[1] / "configs/model/MAGNET.yaml").read_text())) - {
+        "dataset_overrides", "grid"}
+    for name in ("mid_synth", "baby_synth"):
+        cfg = load_config("MAGNET", name).to_dict()
+        assert {k: cfg[k] for k in model_keys} == {k: top[k] for k in model_keys}, name
+    assert (top["knn_k"], top["expansion_r"]) == (10, 30)
+
+
 def test_embedding_reg_is_half_the_squared_norm_of_the_batch_id_rows(make):
     """Eq. 32's lambda ||Theta||^2 on the ID rows of the batch: 0.5 (|e_u|^2 + |e_i|^2 + |e_j|^2), batch mean."""
     batch = {"users": torch.tensor([0, 1, 1]), "pos_items": torch.tensor([2, 3, 4]), "neg_items": torch.tensor([5, 5, 6])}
