@@ -234,13 +234,15 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    baby_sized = a.dataset == "baby_synth"  # measured with Baby's graph, the cost a `-d baby` run pays
-    a.knn_k = (20 if baby_sized else 0) if a.knn_k is None else a.knn_k
-    a.expansion_r = (150 if baby_sized else 0) if a.expansion_r is None else a.expansion_r
+    # baby_synth is measured with Baby's graph (its Table 3 block in MAGNET.yaml), the cost a `-d baby` run pays
+    baby = load_config("MAGNET", "baby") if a.dataset == "baby_synth" else {"knn_k": 0, "expansion_r": 0}
+    a.knn_k = int(baby["knn_k"]) if a.knn_k is None else a.knn_k
+    a.expansion_r = int(baby["expansion_r"]) if a.expansion_r is None else a.expansion_r
+    magnet_graph = graph_sets(a.knn_k, a.expansion_r)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     if a.child:
-        print(json.dumps(build_child(a.dataset, a.cache_dir, a.data_path, graph_sets(a.knn_k, a.expansion_r))))
+        print(json.dumps(build_child(a.dataset, a.cache_dir, a.data_path, magnet_graph)))
         return
     from utils.synth import PRESETS, ensure_dataset
 
@@ -249,7 +251,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_magnet_") as cache:
         cold = run_child(a.dataset, cache, a.data_path, a.threads, a.knn_k, a.expansion_r)
         warm = run_child(a.dataset, cache, a.data_path, a.threads, a.knn_k, a.expansion_r)
-        graph_note = ", ".join(f"{k} {v}" for k, v in graph_sets(a.knn_k, a.expansion_r).items()) or "config k, r"
+        graph_note = ", ".join(f"{k} {v}" for k, v in magnet_graph.items()) or "config k, r"
         print(f"E+ on {a.dataset} ({graph_note}): {cold['edges']:,} induced edges")
         print(f"  build (cold, kNN + E+): {cold['seconds']:8.2f} s   peak +{cold['peak_mib']:8.1f} MiB")
         print(f"  load  (warm, cache)   : {warm['seconds']:8.2f} s   peak +{warm['peak_mib']:8.1f} MiB  "
@@ -264,8 +266,8 @@ def main() -> None:
         rows = {}
         for label, model, extra in variants:
             sampled = extra.get("fanout", 0) > 0
-            magnet_graph = graph_sets(a.knn_k, a.expansion_r) if model == "MAGNET" else {}
-            rows[label] = time_model(model, a.dataset, {**sets, **magnet_graph, **extra}, a.train_batches,
+            graph_extra = magnet_graph if model == "MAGNET" else {}
+            rows[label] = time_model(model, a.dataset, {**sets, **graph_extra, **extra}, a.train_batches,
                                      0 if sampled else a.eval_passes)
             if sampled:  # evaluation propagates on the full graph: the same pass as MAGNET-DV's
                 rows[label]["eval_s"] = rows["MAGNET-DV"]["eval_s"]
