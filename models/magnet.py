@@ -260,7 +260,7 @@ class MAGNET(GeneralRecommender):
         "item_graph_layers": (">=", 0), "item_graph_image_weight": ("between", (0, 1)),
         "item_graph_norm": ("in", ("none", "l2")),
         "behaviour_residual": (">=", 0),
-        "templates": ("in", ("fixed", "free")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
+        "templates": ("in", ("fixed", "free", "learned")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
         "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
         "expert_head": ("in", ExpertHeads.KINDS), "expert_init": ("in", ("default", "identity")),
@@ -424,8 +424,10 @@ class MAGNET(GeneralRecommender):
         self.templates = str(cfg["templates"])
         if self.templates == "fixed" or not self.use_moe:
             self.register_buffer("template_weights", torch.from_numpy(weights))
-        else:  # templates: free ("w/o Templates"): each expert learns its own softmax mixture
+        elif self.templates == "free":  # "w/o Templates": each expert learns its own softmax mixture from uniform
             self.template_logits = nn.Parameter(torch.zeros(self.n_experts, 3))
+        else:  # learned (extension): the same softmax mixtures, starting at the paper's templates (logits = log w_e)
+            self.template_logits = nn.Parameter(torch.log(torch.from_numpy(weights)))
         self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
         # router_input l2: q = [z_u / |z_u|; z_i / |z_i|], so the gates read directions, not norms: with raw z
         # the item half can key on |z_i| (which grows with popularity) and route tail items to experts with

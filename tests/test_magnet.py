@@ -170,6 +170,18 @@ def test_backbone_and_cues(make):
                                + w[4, 2] * t["r_user"][1, 2])
 
 
+def test_learned_templates_start_at_the_paper_templates_and_move(make):
+    fixed, learned, free = make(view_fusion="mean", templates="fixed"), make(view_fusion="mean", templates="learned"), \
+        make(view_fusion="mean", templates="free")
+    torch.testing.assert_close(learned.expert_weights(), fixed.template_weights)  # Eqs. 12-15 at the start
+    torch.testing.assert_close(free.expert_weights(), torch.full((fixed.n_experts, 3), 1 / 3))  # "w/o Templates"
+    assert not fixed.template_weights.requires_grad and learned.template_logits.requires_grad
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    y, _, _ = learned.score_pairs(learned.encode(), users, items)
+    y.sum().backward()
+    assert learned.template_logits.grad.abs().sum() > 0  # the mixtures train with the model
+
+
 def test_expert_heads_by_hand(make):
     m = make(expert_head="hadamard_concat")
     xu, xi = torch.randn(2, m.n_experts, 8), torch.randn(2, m.n_experts, 8)
