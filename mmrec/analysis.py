@@ -50,6 +50,17 @@ def routing_profile(pi: np.ndarray, names: list[str]) -> dict:
             "family_composition": dict(zip(FAMILIES, grid.sum(axis=0).tolist()))}
 
 
+def channel_share(pi_bar, blends) -> dict[str, float]:
+    """What the routed experts read: sum_e pi_bar_e w_e over [B, A, S] (Eq. 10's blends). With learned
+    templates an expert's blend drifts from the one its name states, so modality reliance (mass per named
+    group) and this share can differ. ``blends`` [E, 3], or [E, 4] with behaviour split into z^UI, z^UIG."""
+    w = np.asarray(blends, dtype=np.float64)
+    if w.shape[1] == 4:
+        w = np.column_stack([w[:, 0] + w[:, 1], w[:, 2], w[:, 3]])
+    share = np.asarray(pi_bar, dtype=np.float64) @ w
+    return dict(zip(GROUPS, (share / share.sum()).tolist()))
+
+
 def pair_attribution(p: np.ndarray, names: list[str], top: int = 3) -> dict:
     """One recommendation's routing (Sec. 5.3): 3x3 mass, its marginals, top experts, N_eff and HHI."""
     grid = group_family_mass(p, names)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmrec.analysis import (activity_terciles, diversity, group_family_mass, pair_attribution, routing_profile,
-                            visibility, visibility_bucket)
+from mmrec.analysis import (activity_terciles, channel_share, diversity, group_family_mass, pair_attribution,
+                            routing_profile, visibility, visibility_bucket)
 from tests.helpers import run_cli as _main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,14 @@ def test_profile_group_and_family_masses_by_hand():
     assert group_family_mass(np.array([0.5, 0.5]), ["Dom-B#0", "Dom-B#1"])[0, 0] == pytest.approx(1.0)
 
 
+def test_channel_share_weights_the_blends_by_routing_mass():
+    blends = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    share = channel_share([0.5, 0.5, 0.0], blends)
+    assert share == pytest.approx({"B": 0.45, "A": 0.45, "S": 0.1})
+    split = np.array([[0.3, 0.5, 0.1, 0.1], [0.05, 0.05, 0.8, 0.1], [0.1, 0.0, 0.1, 0.8]])  # [z^UI, z^UIG, A, S]
+    assert channel_share([1.0, 0.0, 0.0], split) == pytest.approx({"B": 0.8, "A": 0.1, "S": 0.1})
+
+
 def test_visibility_buckets_and_activity_terciles_by_hand():
     v = visibility({1, 2, 3}, np.array([2, 5]), np.array([3, 1]), k=2)
     assert v == pytest.approx(0.75) and visibility_bucket(v) == "Easy"
@@ -66,6 +74,7 @@ def test_analyse_explain_plot_on_a_magnet_run(tmp_path):
     prof = report["profile"]
     assert sum(prof["pi_bar"]) == pytest.approx(1.0, abs=1e-5) and 1.0 <= prof["n_eff"] <= 9.0
     assert sum(prof["family_composition"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(prof["channel_share"].values()) == pytest.approx(1.0, abs=1e-5)  # the learned blends, routed
     trace = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
     assert [r["step"] for r in trace] == list(range(1, len(trace) + 1)) and {"top3_mass", "top1_top2_gap", "hhi_norm", "stage"} <= set(trace[0])
     assert all(0 <= r["hhi_norm"] <= 1 and r["top1_top2_gap"] >= 0 for r in trace)
