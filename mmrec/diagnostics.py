@@ -65,7 +65,8 @@ def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
     profile = analysis.routing_profile(pi, names)
     if hasattr(model, "expert_weights") and len(names) > 1:  # the blends the routed experts actually read
         with torch.no_grad():
-            profile["channel_share"] = analysis.channel_share(profile["pi_bar"], model.expert_weights().cpu().numpy())
+            blends = model.expert_weights().cpu().numpy()
+        profile["channel_share"] = analysis.channel_share(profile["pi_bar"], blends)
     result = json.loads((Path(run_dir) / "result.json").read_text()) if (Path(run_dir) / "result.json").exists() else {}
     history = result.get("history") or []
     report = {"run": str(run_dir), "model": config["model"], "dataset": config["dataset"], "split": "test",

@@ -8,6 +8,7 @@ Dual-view backbone (Sec. 3.2; graphs in ``models/magnet_graph.py``):
 Modality cues:  h^m_i = f_m(x^m_i),  h^m_u = mean_{i in I_u} h^m_i                              (Eqs. 7-8)
 Triplet experts: r^B = z, r^A = h^A, r^S = h^S;  x_u(w) = sum_m w^m r^m_u                      (Eqs. 9-10)
     s^(e)_ui = phi_e(x_u(w_e), x_i(w_e)),  w_e = P_g(w~^t) from Dom / Bal / Com templates       (Eqs. 11-15)
+    (templates: learned, the default, starts each w_e there and trains it as a softmax of logits)
 Routing: pi_ui = softmax(Router([z_u; z_i])), Gamma = TopK(pi, K), renormalise over Gamma,
     s_ui = sum_{e in Gamma} pi~_e s^(e)_ui,  y_ui = v^T s_ui                                   (Eqs. 16-21)
 Training (Alg. 2): pi_bar = batch mean of pi over positives, H~ = H(pi_bar) / log E, N_eff = e^H;
@@ -260,7 +261,8 @@ class MAGNET(GeneralRecommender):
         "item_graph_layers": (">=", 0), "item_graph_image_weight": ("between", (0, 1)),
         "item_graph_norm": ("in", ("none", "l2")),
         "behaviour_residual": (">=", 0),
-        "templates": ("in", ("fixed", "free", "learned")), "families": ("subset", FAMILIES), "expert_replicas": (">=", 1),
+        "templates": ("in", ("fixed", "free", "learned")), "families": ("subset", FAMILIES),
+        "expert_replicas": (">=", 1),
         "alpha": ("between", (0, 1)), "beta": ("between", (0, 1)), "delta": ("between", (0, 1)),
         "com_eps": ("between", (0, 1)), "aux_order": ("in", ("global", "cyclic")),
         "expert_head": ("in", ExpertHeads.KINDS), "expert_init": ("in", ("default", "identity")),
