@@ -39,6 +39,15 @@ def _pairs_pi(model, users: np.ndarray, items: np.ndarray, chunk: int = 65536) -
     return (np.concatenate(rows) if rows else np.zeros((0, 0))), names
 
 
+def _expert_blends(model, names: list[str]) -> np.ndarray | None:
+    """Each routed expert's blend over the channels (MAGNET's ``expert_weights``; learned blends drift
+    from the ones their names state), or None for a model without them."""
+    if not hasattr(model, "expert_weights") or len(names) < 2:
+        return None
+    with torch.no_grad():
+        return model.expert_weights().cpu().numpy()
+
+
 def _scaled_series(rows: list[dict], keys, x_key: str, suffix: str = "") -> dict[str, tuple[list, list]]:
     """Each key's values against ``x_key``, scaled to [0, 1] (Figs. 7-8 draw them on one axis)."""
     series = {}
@@ -63,9 +72,8 @@ def analyse_run(run_dir: Path, out: Path | None = None) -> Path:
     test = dataset.test_matrix.tocoo()
     pi, names = _pairs_pi(model, test.row.astype(np.int64), test.col.astype(np.int64))
     profile = analysis.routing_profile(pi, names)
-    if hasattr(model, "expert_weights") and len(names) > 1:  # the blends the routed experts actually read
-        with torch.no_grad():
-            blends = model.expert_weights().cpu().numpy()
+    blends = _expert_blends(model, names)
+    if blends is not None:
         profile["channel_share"] = analysis.channel_share(profile["pi_bar"], blends)
     result = json.loads((Path(run_dir) / "result.json").read_text()) if (Path(run_dir) / "result.json").exists() else {}
     history = result.get("history") or []
@@ -138,8 +146,11 @@ def explain_run(run_dir: Path, user: str, topk: int = 10, item: str | None = Non
              "| rank | item | score | B | A | S | Dom | Bal | Com | top experts | N_eff | HHI |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     explained = []
+    blends = _expert_blends(model, names)
     for rank, (i, p) in enumerate(zip(items, pi), 1):
         att = analysis.pair_attribution(p, names)
+        if blends is not None:
+            att["channel_share"] = analysis.channel_share(p, blends)
         explained.append({"item": name_i(i), "score": None if scores is None else float(scores[rank - 1]), **att})
         mm, fm = att["modality_mass"], att["family_mass"]
         tops = ", ".join(f"{n} {w:.2f}" for n, w in att["top_experts"])

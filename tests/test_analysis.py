@@ -86,6 +86,7 @@ def test_analyse_explain_plot_on_a_magnet_run(tmp_path):
     assert res.stdout.count("\n| ") == 5 and (run / "explain" / "user_3.png").exists()
     pairs = json.loads((run / "explain" / "user_3.json").read_text())["pairs"]
     assert len(pairs) == 4 and all(sum(map(sum, p["mass"])) == pytest.approx(1.0, abs=1e-5) for p in pairs)
+    assert all(sum(p["channel_share"].values()) == pytest.approx(1.0, abs=1e-5) for p in pairs)
     unknown = _main("explain", str(run), "--user", "100000")
     assert unknown.returncode == 2 and "'100000'" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
     bpr = tmp_path / "bpr"
