@@ -92,6 +92,13 @@ def view_contrastive(a_users, b_users, a_items, b_items, tau: float) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------------------
+def template_divergence(centre: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """sum_e KL(centre_e || softmax(logits_e)): how far the learned blends [E, 3] have moved from the templates
+    (its gradient in the logits is softmax(logits) - centre)."""
+    log_w = torch.log_softmax(logits, dim=-1)
+    return (centre * (torch.log(centre) - log_w)).sum()
+
+
 def _uniform(shape, fan_in: int) -> nn.Parameter:
     """nn.Linear's default initialisation bound 1/sqrt(fan_in), for stacked per-expert weights."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -234,7 +241,8 @@ class MAGNET(GeneralRecommender):
     item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
     router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed,
     similarity_smoothing, similarity_whitening, smoothing_steps,
-    stage1_min_steps, stage_weights, switch_signal, switch_unit, target_edges, tau, templates, trigger_window,
+    stage1_min_steps, stage_weights, switch_signal, switch_unit, target_edges, tau, template_lr_scale, template_prior,
+    templates, trigger_window,
     user_cue_target,
     view, view_fusion, view_share, weight_decay_on."""
     needs_both_modalities = True  # image and text features, checked before any data is loaded
@@ -276,7 +284,7 @@ class MAGNET(GeneralRecommender):
         "fixed_switch_epoch": (">=", 0), "lambda_ctr": (">=", 0), "tau": (">", 0), "embedding_reg": (">=", 0),
         "weight_decay_on": ("in", ("all", "non_embedding")),
         "embedding_lr_scale": (">=", 0), "routing_trace_every": (">=", 0), "head_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0),
-        "router_lr_scale": (">=", 0),
+        "router_lr_scale": (">=", 0), "template_lr_scale": (">=", 0), "template_prior": (">=", 0),
     }
 
     @classmethod
@@ -347,7 +355,8 @@ class MAGNET(GeneralRecommender):
             ("embedding_lr_scale", ("user_embedding", "item_embedding")),
             ("head_lr_scale", ("heads", "score_vector")),
             ("cue_lr_scale", ("image_proj", "text_proj")),
-            ("router_lr_scale", ("router.",))) for prefix in prefixes}
+            ("router_lr_scale", ("router.",)),
+            ("template_lr_scale", ("template_logits",))) for prefix in prefixes}
         self._build_views(cfg)
 
         # modality cues (Eqs. 7-8): f_m linear; user cue = row-normalised R_train times H^m
@@ -430,6 +439,15 @@ class MAGNET(GeneralRecommender):
             self.template_logits = nn.Parameter(torch.zeros(self.n_experts, 3))
         else:  # learned (extension): the same softmax mixtures, starting at the paper's templates (logits = log w_e)
             self.template_logits = nn.Parameter(torch.log(torch.from_numpy(weights)))
+        # template_prior lambda_t (extension): the learned blends carry a prior centred on the paper's templates,
+        # lambda_t KL(w_e^tpl || w_e) summed over experts; written per training interaction (the loss is a batch
+        # mean) it enters as lambda_t / |R| (MAP with one prior for the whole data), so the blends stay near the
+        # templates on a small catalogue and follow the data where it has many interactions (not read by
+        # templates fixed / free or moe false, so `--set templates=fixed` alone gives the paper's blends)
+        self.template_prior = float(cfg["template_prior"]) / max(int(self.train_matrix.nnz), 1) \
+            if self.templates == "learned" and self.use_moe else 0.0
+        if self.template_prior > 0:
+            self.register_buffer("template_centre", torch.from_numpy(weights))
         self.heads = ExpertHeads(str(cfg["expert_head"]), self.n_experts, d, str(cfg["expert_init"]))
         # router_input l2: q = [z_u / |z_u|; z_i / |z_i|], so the gates read directions, not norms: with raw z
         # the item half can key on |z_i| (which grows with popularity) and route tail items to experts with
@@ -742,6 +760,8 @@ class MAGNET(GeneralRecommender):
             out["ctr"] = self.lambda_ctr * view_contrastive(z_ui[bu], z_uig[bu], z_ui[bi], z_uig[bi], self.tau)
         if self.use_moe:
             out.update(self._routing_terms(pi_pos, gates_pos))
+        if self.template_prior > 0:  # (lambda_t / |R|) sum_e KL(w_e^tpl || w_e)
+            out["template_prior"] = self.template_prior * template_divergence(self.template_centre, self.template_logits)
         return out
 
     def cue_ranking_loss(self, reps_user: torch.Tensor, reps_pos: torch.Tensor, reps_neg: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,30 @@ def test_learned_templates_start_at_the_paper_templates_and_move(make):
     assert learned.template_logits.grad.abs().sum() > 0  # the mixtures train with the model
 
 
+def test_template_prior_is_the_kl_to_the_templates_per_interaction(make):
+    from models.magnet import template_divergence
+    centre, logits = torch.tensor([[0.8, 0.1, 0.1]]), torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    by_hand = 0.8 * math.log(0.8 / 0.5) + 2 * 0.1 * math.log(0.1 / 0.25)
+    assert float(template_divergence(centre, logits)) == pytest.approx(by_hand, rel=1e-5)
+    m = make(templates="learned", template_prior=50.0)
+    assert m.template_prior == pytest.approx(50.0 / m.train_matrix.nnz)  # lambda_t / |R|
+    m.train()
+    m.pre_epoch_processing()
+    batch = {"users": torch.tensor([0, 1, 2]), "pos_items": torch.tensor([1, 2, 3]), "neg_items": torch.tensor([5, 6, 7])}
+    assert float(m.calculate_loss(batch)["template_prior"].detach()) == pytest.approx(0.0, abs=1e-6)  # at the templates
+    with torch.no_grad():
+        m.template_logits[0] = torch.tensor([0.0, 1.0, 2.0])
+    out = m.calculate_loss(batch)
+    m.zero_grad()
+    out["template_prior"].backward()
+    moved = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1)
+    torch.testing.assert_close(m.template_logits.grad[0], m.template_prior * (moved - m.template_centre[0]))
+    assert "template_prior" not in make(templates="learned").calculate_loss(batch)  # 0 = off
+    fixed = make(templates="fixed", template_prior=50.0)  # a prior on learned blends only
+    assert fixed.template_prior == 0.0 and "template_prior" not in fixed.calculate_loss(batch)
+    assert "template_prior" not in make(moe=False, template_prior=50.0).calculate_loss(batch)
+
+
 def test_expert_heads_by_hand(make):
     m = make(expert_head="hadamard_concat")
     xu, xi = torch.randn(2, m.n_experts, 8), torch.randn(2, m.n_experts, 8)
@@ -414,6 +438,9 @@ def test_lr_scale_groups(make):
     by_param = {id(p): g for g in build_optimizer(slow_router.config, slow_router).param_groups for p in g["params"]}
     assert by_param[id(slow_router.router.first.weight)]["lr"] == pytest.approx(1e-4)
     assert by_param[id(slow_router.router.first.bias)]["lr"] == pytest.approx(1e-4)
+    slow_blends = make(templates="learned", template_lr_scale=0.3)
+    by_param = {id(p): g for g in build_optimizer(slow_blends.config, slow_blends).param_groups for p in g["params"]}
+    assert by_param[id(slow_blends.template_logits)]["lr"] == pytest.approx(3e-4)
 
 
 def test_cue_centering_centres_the_item_cues_and_keeps_eq_8(make):
