@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-COMMANDS = ("train", "grid", "compare", "results", "recommend", "analyse", "explain", "plot", "check", "show",
+COMMANDS = ("train", "grid", "compare", "results", "recommend", "analyse", "explain", "paired", "plot", "check", "show",
             "prepare", "models")
 
 
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="a user id (original id when the dataset maps ids)")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--item", help="explain this item for the user instead of the top-K")
+    p = sub.add_parser("paired", help="two runs on one split: A - B per metric with a bootstrap interval over "
+                                      "the evaluated users (is the gap larger than the test set's noise?)")
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--k", type=int, nargs="+", default=[20], help="cut-offs (default 20)")
+    p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
     p = sub.add_parser("plot", help="learning curves of any runs, overlaid (PNG)")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, help="folder for the figures (default FIRST_RUN/plots)")
@@ -221,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from mmrec import quick_start
 
+        if args.command == "paired":
+            from mmrec.diagnostics import paired_runs
+
+            if args.resamples < 1 or min(args.k) < 1:
+                raise ConfigError(f"paired: --resamples {args.resamples} and --k {args.k} must be >= 1")
+            print(paired_runs(args.run_a, args.run_b, args.split, tuple(args.k), args.resamples, args.seed))
+            return 0
         if args.command in ("analyse", "explain", "plot"):
             from mmrec import diagnostics
 

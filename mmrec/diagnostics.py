@@ -1,4 +1,5 @@
-"""``analyse``, ``explain`` and ``plot``: what a trained run does, as JSON and figures.
+"""``analyse``, ``explain``, ``plot`` and ``paired``: what a trained run does, as JSON and figures, and whether
+two runs differ by more than the evaluated users' sampling noise.
 
 A model with a router exposes ``routing_probabilities(users, items) -> (pi [n, E], expert names)``
 (MAGNET); ``analyse`` and ``explain`` need it, ``plot`` works for every model.
@@ -141,12 +142,14 @@ def explain_run(run_dir: Path, user: str, topk: int = 10, item: str | None = Non
         items, scores = top_items[0], top_scores[0]
     pi, names = _pairs_pi(model, np.full(len(items), u, dtype=np.int64), items.astype(np.int64))
     name_i = (lambda i: items_map.get(int(i), str(i))) if items_map else str
-    lines = [f"user {user}: {'item ' + str(item) if item is not None else f'top {topk}'} "
-             f"({config['model']} on {config['dataset']}; routing mass: rows B/A/S, columns Dom/Bal/Com)",
-             "| rank | item | score | B | A | S | Dom | Bal | Com | top experts | N_eff | HHI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    explained = []
     blends = _expert_blends(model, names)
+    share_cols = " ch B | ch A | ch S |" if blends is not None else ""
+    lines = [f"user {user}: {'item ' + str(item) if item is not None else f'top {topk}'} "
+             f"({config['model']} on {config['dataset']}; routing mass by expert name: B/A/S, Dom/Bal/Com"
+             + ("; ch B/A/S: channel share, the mass times each expert's blend" if blends is not None else "") + ")",
+             "| rank | item | score | B | A | S | Dom | Bal | Com |" + share_cols + " top experts | N_eff | HHI |",
+             "|" + "---|" * (12 + (3 if blends is not None else 0))]
+    explained = []
     for rank, (i, p) in enumerate(zip(items, pi), 1):
         att = analysis.pair_attribution(p, names)
         if blends is not None:
@@ -155,8 +158,9 @@ def explain_run(run_dir: Path, user: str, topk: int = 10, item: str | None = Non
         mm, fm = att["modality_mass"], att["family_mass"]
         tops = ", ".join(f"{n} {w:.2f}" for n, w in att["top_experts"])
         score = "-" if scores is None else f"{scores[rank - 1]:.4f}"
+        share = "".join(f" {att['channel_share'][c]:.2f} |" for c in ("B", "A", "S")) if blends is not None else ""
         lines.append(f"| {rank} | {name_i(i)} | {score} | {mm['B']:.2f} | {mm['A']:.2f} | {mm['S']:.2f} | "
-                     f"{fm['Dom']:.2f} | {fm['Bal']:.2f} | {fm['Com']:.2f} | {tops} | {att['n_eff']:.2f} | "
+                     f"{fm['Dom']:.2f} | {fm['Bal']:.2f} | {fm['Com']:.2f} |{share} {tops} | {att['n_eff']:.2f} | "
                      f"{att['hhi']:.3f} |")
     out = Path(run_dir) / "explain"
     out.mkdir(exist_ok=True)
@@ -263,3 +267,31 @@ def dv_sv_gain(dv_dir: Path, sv_dir: Path, out: Path | None = None) -> Path:
                             f"DV over SV: relative NDCG@20 gain by {name}", "gain (%)", f"{name} bucket")
     (out / "dv_sv.json").write_text(json.dumps(report, indent=1) + "\n")
     return out / "dv_sv.json"
+
+
+def paired_runs(a_dir: Path, b_dir: Path, split: str = "test", ks: tuple[int, ...] = (20,),
+                resamples: int = 2000, seed: int = 0) -> str:
+    """Two finished runs on the same dataset and split, each evaluated again from its best.pth: per metric
+    the means, A - B and its bootstrap interval over the evaluated users (``results.paired_bootstrap``)."""
+    from mmrec.evaluation import evaluate
+    from mmrec.quick_start import load_trained
+    from mmrec.results import paired_bootstrap
+
+    cfg_a, data_a, model_a = load_trained(a_dir)
+    cfg_b, data_b, model_b = load_trained(b_dir)
+    for key in ("dataset", "split", "split_seed"):
+        if cfg_a.get(key) != cfg_b.get(key):
+            raise ConfigError(f"{a_dir}/config.yaml and {b_dir}/config.yaml differ in {key} ({cfg_a.get(key)!r} "
+                              f"against {cfg_b.get(key)!r}): paired compares two runs on the same split")
+    res_a = evaluate(model_a, data_a, split, list(ks), ["recall", "ndcg"], per_user=True)
+    res_b = evaluate(model_b, data_b, split, list(ks), ["recall", "ndcg"], per_user=True)
+    if not np.array_equal(res_a["users"], res_b["users"]):
+        raise ConfigError(f"{a_dir} and {b_dir} evaluate different {split} users: not the same split")
+    lines = [f"A = {a_dir} ({cfg_a['model']}), B = {b_dir} ({cfg_b['model']}); {cfg_a['dataset']} {split}, "
+             f"{len(res_a['users'])} users, {resamples} bootstrap resamples of the users",
+             "| metric | A | B | A - B | 95% interval | resamples with A ahead |", "|---|---|---|---|---|---|"]
+    for name in res_a["per_user"]:
+        stats = paired_bootstrap(res_a["per_user"][name] - res_b["per_user"][name], resamples, seed)
+        lines.append(f"| {name} | {res_a['metrics'][name]:.4f} | {res_b['metrics'][name]:.4f} | {stats['diff']:+.4f} | "
+                     f"[{stats['low']:+.4f}, {stats['high']:+.4f}] | {stats['a_ahead']:.2f} |")
+    return "\n".join(lines)

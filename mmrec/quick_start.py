@@ -418,7 +418,15 @@ def load_trained(run_dir: Path):
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists() or not (run_dir / "best.pth").exists():
         raise ConfigError(f"{run_dir}: expected a finished run folder with config.yaml and best.pth")
-    config = Config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # a run saved before a key existed: that key takes today's default (keys added as "off" reproduce the
+    # build that trained it), and the log names what was filled in
+    current = load_config(saved["model"], saved["dataset"], {}).to_dict()
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        log.warning("%s/config.yaml predates %s: using today's defaults for %s", run_dir,
+                    "these keys" if len(missing) > 1 else "this key", ", ".join(f"{k}={current[k]!r}" for k in missing))
+    config = Config({**{k: current[k] for k in missing}, **saved})
     config["device"] = resolve_device(config)
     ensure_generated(config)
     dataset = RecDataset(config)

@@ -87,6 +87,10 @@ def test_analyse_explain_plot_on_a_magnet_run(tmp_path):
     pairs = json.loads((run / "explain" / "user_3.json").read_text())["pairs"]
     assert len(pairs) == 4 and all(sum(map(sum, p["mass"])) == pytest.approx(1.0, abs=1e-5) for p in pairs)
     assert all(sum(p["channel_share"].values()) == pytest.approx(1.0, abs=1e-5) for p in pairs)
+    header = next(line for line in res.stdout.splitlines() if line.startswith("| rank |")).split("|")
+    first = next(line for line in res.stdout.splitlines() if line.startswith("| 1 |")).split("|")
+    for c in ("B", "A", "S"):  # the printed channel share is the JSON's
+        assert float(first[header.index(f" ch {c} ")]) == pytest.approx(pairs[0]["channel_share"][c], abs=0.006)
     unknown = _main("explain", str(run), "--user", "100000")
     assert unknown.returncode == 2 and "'100000'" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
     bpr = tmp_path / "bpr"
@@ -130,6 +134,18 @@ def test_pair_ndcg_sums_to_the_evaluators_ndcg_and_dv_sv_buckets_cover_every_pai
     per_user = np.bincount(users, weights=contrib)[np.unique(users)]
     want = evaluate(model, dataset, "test", [20], ["ndcg"])["metrics"]["ndcg@20"]
     assert per_user.mean() == pytest.approx(want, rel=1e-5)
+    sv_metrics = evaluate(load_trained(tmp_path / "SV")[2], dataset, "test", [20], ["recall", "ndcg"])["metrics"]
+    res = _main("paired", str(tmp_path / "DV"), str(tmp_path / "SV"), "--resamples", "200")
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| ndcg@20 |")).split("|")
+    assert float(row[2]) == pytest.approx(want, abs=1e-4) and float(row[3]) == pytest.approx(sv_metrics["ndcg@20"], abs=1e-4)
+    assert float(row[4]) == pytest.approx(want - sv_metrics["ndcg@20"], abs=2e-4)
+    low, high = (float(x) for x in row[5].strip(" []").split(","))
+    assert low <= float(row[4]) <= high
+    saved = tmp_path / "SV" / "config.yaml"  # a run saved before a key existed still loads, at today's default
+    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True)
+                             if not line.startswith("template_prior:")))
+    assert load_trained(tmp_path / "SV")[0]["template_prior"] == 0.0
     res = _main("analyse", "--dv", str(tmp_path / "DV"), "--sv", str(tmp_path / "SV"))
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "DV" / "analysis" / "dv_sv.json").read_text())

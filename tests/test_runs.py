@@ -6,9 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mmrec.results import ResultStore, compare_table, paired_t_test, to_latex, to_markdown
+from mmrec.results import ResultStore, compare_table, paired_bootstrap, paired_t_test, to_latex, to_markdown
 from tests.helpers import ROOT, run_cli
 
 
@@ -168,6 +169,21 @@ def test_table_marks_best_and_second_and_runs_the_paired_test():
     assert "**0.3100 ± 0.0100†**" in md and "<u>0.2120 ± 0.0120</u>" in md
     assert r"\underline{0.2120 $\pm$ 0.0120}" in to_latex(table)
     assert paired_t_test([1.0], [0.5]) is None
+
+
+def test_paired_bootstrap_interval_over_users():
+    same = paired_bootstrap([0.02] * 50)  # every user 0.02 ahead: no spread, A ahead in every resample
+    assert same == {"diff": pytest.approx(0.02), "low": pytest.approx(0.02), "high": pytest.approx(0.02),
+                    "a_ahead": 1.0}
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.0, 1.0, 4000)
+    got = paired_bootstrap(d, resamples=1000)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)  # the normal interval of a mean, for a large sample
+    assert got["diff"] == pytest.approx(d.mean())
+    assert got["high"] - got["low"] == pytest.approx(2 * half, rel=0.15)
+    assert got["low"] < got["diff"] < got["high"]
+    with pytest.raises(ValueError, match="one difference per user"):
+        paired_bootstrap([])
 
 
 def test_store_survives_reopen_and_keeps_one_record_per_key(tmp_path):
