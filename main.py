@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-COMMANDS = ("train", "grid", "compare", "results", "recommend", "analyse", "explain", "paired", "plot", "check", "show",
-            "prepare", "models")
+COMMANDS = ("train", "grid", "compare", "results", "recommend", "analyse", "explain", "paired", "plot", "check",
+            "show", "prepare", "models")
 
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -421,7 +421,10 @@ def load_trained(run_dir: Path):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     # a run saved before a key existed: that key takes today's default (keys added as "off" reproduce the
     # build that trained it), and the log names what was filled in
-    current = load_config(saved["model"], saved["dataset"], {}).to_dict()
+    try:
+        current = load_config(saved["model"], saved["dataset"], {}).to_dict()
+    except (ConfigError, OSError):  # a model or dataset this checkout no longer resolves: the saved keys only
+        current = {}
     missing = sorted(set(current) - set(saved))
     if missing:
         log.warning("%s/config.yaml predates %s: using today's defaults for %s", run_dir,

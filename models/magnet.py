@@ -761,7 +761,8 @@ class MAGNET(GeneralRecommender):
         if self.use_moe:
             out.update(self._routing_terms(pi_pos, gates_pos))
         if self.template_prior > 0:  # (lambda_t / |R|) sum_e KL(w_e^tpl || w_e)
-            out["template_prior"] = self.template_prior * template_divergence(self.template_centre, self.template_logits)
+            out["template_prior"] = self.template_prior * template_divergence(self.template_centre,
+                                                                              self.template_logits)
         return out
 
     def cue_ranking_loss(self, reps_user: torch.Tensor, reps_pos: torch.Tensor, reps_neg: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,8 @@ def test_pair_ndcg_sums_to_the_evaluators_ndcg_and_dv_sv_buckets_cover_every_pai
     res = _main("paired", str(tmp_path / "DV"), str(tmp_path / "SV"), "--resamples", "200")
     assert res.returncode == 0, res.stderr
     row = next(line for line in res.stdout.splitlines() if line.startswith("| ndcg@20 |")).split("|")
-    assert float(row[2]) == pytest.approx(want, abs=1e-4) and float(row[3]) == pytest.approx(sv_metrics["ndcg@20"], abs=1e-4)
+    assert float(row[2]) == pytest.approx(want, abs=1e-4)
+    assert float(row[3]) == pytest.approx(sv_metrics["ndcg@20"], abs=1e-4)
     assert float(row[4]) == pytest.approx(want - sv_metrics["ndcg@20"], abs=2e-4)
     low, high = (float(x) for x in row[5].strip(" []").split(","))
     assert low <= float(row[4]) <= high

@@ -191,7 +191,8 @@ def test_template_prior_is_the_kl_to_the_templates_per_interaction(make):
     assert m.template_prior == pytest.approx(50.0 / m.train_matrix.nnz)  # lambda_t / |R|
     m.train()
     m.pre_epoch_processing()
-    batch = {"users": torch.tensor([0, 1, 2]), "pos_items": torch.tensor([1, 2, 3]), "neg_items": torch.tensor([5, 6, 7])}
+    batch = {"users": torch.tensor([0, 1, 2]), "pos_items": torch.tensor([1, 2, 3]),
+             "neg_items": torch.tensor([5, 6, 7])}
     assert float(m.calculate_loss(batch)["template_prior"].detach()) == pytest.approx(0.0, abs=1e-6)  # at the templates
     with torch.no_grad():
         m.template_logits[0] = torch.tensor([0.0, 1.0, 2.0])
