@@ -568,7 +568,7 @@ def test_datasets_without_an_amazon_block_train_with_the_top_level():
     assert set(shipped["dataset_overrides"]) == {"baby", "sports", "clothing", "elec"}
     top = load_config("MAGNET", "mini").to_dict()
     model_keys = set(shipped) - {"dataset_overrides", "grid"}
-    for name in ("mid_synth", "baby_synth"):
+    for name in ("mid_synth", "mid_synth_b", "baby_synth"):
         cfg = load_config("MAGNET", name).to_dict()
         assert {k: cfg[k] for k in model_keys} == {k: top[k] for k in model_keys}, name
     assert (top["knn_k"], top["expansion_r"]) == (10, 30)

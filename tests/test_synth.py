@@ -122,9 +122,11 @@ def test_ensure_dataset_regenerates_only_on_change(tmp_path):
 
 
 def test_a_preset_can_name_its_own_generator_seed(tmp_path, monkeypatch):
-    """mid_synth (the confirmation set) is drawn with a seed no other preset uses; --seed still overrides."""
-    assert synth.PRESETS["mid_synth"]["seed"] not in {p.get("seed", 0) for n, p in synth.PRESETS.items()
-                                                      if n != "mid_synth"}
+    """mid_synth and mid_synth_b (the confirmation sets) are drawn with seeds no other preset uses; --seed
+    still overrides."""
+    for confirm in ("mid_synth", "mid_synth_b"):
+        assert synth.PRESETS[confirm]["seed"] not in {p.get("seed", 0) for n, p in synth.PRESETS.items()
+                                                      if n != confirm}
     monkeypatch.setitem(synth.PRESETS, "tiny_seeded", dict(synth.PRESETS["tiny"], seed=7))
     folder = synth.ensure_dataset(tmp_path, "tiny_seeded")
     assert json.loads((folder / "meta.json").read_text())["seed"] == 7

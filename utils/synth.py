@@ -77,6 +77,9 @@ PRESETS = {
     # the confirmation set for choices tuned on mini: 3x mini's users and items, same sparsity, and a
     # generator seed no tuning run has seen (a preset's "seed" is its default generator seed)
     "mid_synth": dict(n_users=9000, n_items=4500, image_dim=1024, text_dim=384, seed=31),
+    # a second confirmation set of the same shape and its own seed: once mid_synth has helped choose a
+    # setting, mid_synth_b is the set that setting has never seen
+    "mid_synth_b": dict(n_users=9000, n_items=4500, image_dim=1024, text_dim=384, seed=53),
 }
 
 TS_START = 1_262_304_000   # 2010-01-01
