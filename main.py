@@ -6,6 +6,7 @@
     python main.py grid -m LightGCN -d mini                # walk the model yaml's grid, pick by validation
     python main.py compare -m BPR,LightGCN,MAGNET -d mini,mid_synth --seeds 999,1,2   (or --splits 5)
     python main.py results saved/compare-...              # the table of a comparison or grid, also while it runs
+    python main.py results saved/compare-... --paired     # + each model against the best, per test user
     python main.py recommend saved/MAGNET-baby-... --k 50  # top-K lists with scores from best.pth
     python main.py analyse saved/MAGNET-mini-...          # routing profile and dynamics (JSON + PNG)
     python main.py explain saved/MAGNET-mini-... --user 3 # why these items: per-pair routing mass
@@ -24,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+PAIRED_HELP = ("add a column per dataset: each model's ndcg@20 minus the best model's, per test user averaged "
+               "over the shared seeds, with its 95%% bootstrap interval over users (reads the runs' top-K lists)")
 COMMANDS = ("train", "grid", "compare", "results", "recommend", "analyse", "explain", "paired", "plot", "check",
             "show", "prepare", "models")
 
@@ -71,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use N fresh random 8:1:1 splits with the paper's seeds instead of x_label")
     p.add_argument("--efficiency", action="store_true",
                    help="add s/epoch, s/eval, peak memory and t95 per dataset to the table (Table 7)")
+    p.add_argument("--paired", action="store_true", help=PAIRED_HELP)
     _parallel(p)
     p = sub.add_parser("results", help="print the table of a comparison or grid folder (also while it runs)")
     p.add_argument("folder", type=Path)
+    p.add_argument("--paired", action="store_true", help=PAIRED_HELP)
     p = sub.add_parser("recommend", help="top-K lists with scores from a finished run's best.pth")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--k", type=int, default=50)
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmrec.results import show_results
 
         try:
-            print(show_results(args.folder))
+            print(show_results(args.folder, paired=args.paired))
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
             res = quick_start.compare(models, datasets, seeds, args.splits, sets, args.out, overwrite=args.overwrite,
                                       extra_yamls=args.config, workers=args.workers, backend=args.backend,
-                                      address=args.address, efficiency=args.efficiency)
+                                      address=args.address, efficiency=args.efficiency, paired=args.paired)
         else:
             resume = getattr(args, "resume", None)
             out = resume or args.out

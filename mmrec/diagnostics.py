@@ -295,3 +295,91 @@ def paired_runs(a_dir: Path, b_dir: Path, split: str = "test", ks: tuple[int, ..
         lines.append(f"| {name} | {res_a['metrics'][name]:.4f} | {res_b['metrics'][name]:.4f} | {stats['diff']:+.4f} | "
                      f"[{stats['low']:+.4f}, {stats['high']:+.4f}] | {stats['a_ahead']:.2f} |")
     return "\n".join(lines)
+
+
+def topk_per_user(run_dir: Path, metric: str, truth_cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(test users, one ``metric`` value each, e.g. ``ndcg@20``) of a finished run, from the top-K lists it
+    saved (topk_test.tsv) and its split's test items: no model is loaded."""
+    from mmrec.data import RecDataset
+    from mmrec.evaluation import topk_metrics
+    from mmrec.quick_start import load_run_config
+
+    run_dir = Path(run_dir)
+    path = run_dir / "topk_test.tsv"
+    if not path.exists():
+        raise ConfigError(f"{path}: missing; the paired column reads each run's saved top-K lists (the trainer "
+                          f"writes them unless save_topk is 0: rerun that run with --set save_topk=20)")
+    name, k = metric.split("@")
+    k = int(k)
+    config = load_run_config(run_dir)
+    key = (config["dataset"], str(config.get("data_path")), config.get("split"), config.get("split_seed"))
+    cache = truth_cache if truth_cache is not None else {}
+    if key not in cache:
+        truth = RecDataset(config).eval_matrix("test").tocsr()
+        truth.sort_indices()
+        cache[key] = truth
+    truth = cache[key]
+    users, hits = [], []
+    with open(path) as fh:
+        next(fh)
+        for line in fh:
+            user, items = line.rstrip("\n").split("\t")
+            ranked = [int(i) for i in items.split(",") if i][:k]
+            if len(ranked) < k:
+                raise ConfigError(f"{path}: user {user} has {len(ranked)} ranked items, fewer than {metric} needs "
+                                  f"(rerun that run with --set save_topk={k})")
+            row = truth.indices[truth.indptr[int(user)]:truth.indptr[int(user) + 1]]
+            users.append(int(user))
+            hits.append(np.isin(ranked, row))
+    users = np.asarray(users, dtype=np.int64)
+    n_pos = torch.from_numpy(np.diff(truth.indptr)[users].astype(np.int64))
+    values = topk_metrics(torch.from_numpy(np.asarray(hits, dtype=np.float64).reshape(len(users), k)), n_pos, [k],
+                          [name])[metric]
+    return users, values.numpy()
+
+
+def paired_against_best(records: list[dict], metric: str = "ndcg@20", resamples: int = 2000,
+                        seed: int = 0) -> dict[tuple[str, str], dict]:
+    """For each dataset of a comparison, every model against the model with the best mean ``metric``: per
+    test user the model's value minus the best model's, averaged over the runs they share (same seed or
+    split tag), and the bootstrap interval of that mean over users (``results.paired_bootstrap``).  The
+    user is the unit: on random splits a user's gap is averaged over the splits that test them."""
+    from mmrec.results import paired_bootstrap
+
+    records = [r for r in records if r.get("kind", "compare") == "compare" and metric in r.get("test", {})]
+    cache: dict = {}
+    values: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def per_user(r):
+        at = (r["dataset"], r["model"], r["tag"])
+        if at not in values:
+            if not r.get("result_path"):
+                raise ConfigError(f"{r['model']} on {r['dataset']} {r['tag']}: its record names no run folder")
+            values[at] = topk_per_user(Path(r["result_path"]).parent, metric, cache)
+        return values[at]
+
+    out: dict[tuple[str, str], dict] = {}
+    for ds in dict.fromkeys(r["dataset"] for r in records):
+        runs: dict[str, dict[str, dict]] = {}
+        for r in records:
+            if r["dataset"] == ds:
+                runs.setdefault(r["model"], {})[r["tag"]] = r
+        best = max(runs, key=lambda m: np.mean([r["test"][metric] for r in runs[m].values()]))
+        for model in runs:
+            shared = sorted(set(runs[model]) & set(runs[best]))
+            if model == best or not shared:
+                continue
+            total: dict[int, float] = {}
+            count: dict[int, int] = {}
+            for tag in shared:
+                users_m, vals_m = per_user(runs[model][tag])
+                users_b, vals_b = per_user(runs[best][tag])
+                if not np.array_equal(users_m, users_b):
+                    raise ConfigError(f"{model} and {best} on {ds} {tag} ranked different test users: not one split")
+                for u, v in zip(users_m.tolist(), (vals_m - vals_b).tolist()):
+                    total[u] = total.get(u, 0.0) + v
+                    count[u] = count.get(u, 0) + 1
+            d = np.array([total[u] / count[u] for u in total])  # each user's gap averaged over its runs
+            out[(ds, model)] = {"best": best, "runs": len(shared), "users": int(d.size),
+                                **paired_bootstrap(d, resamples, seed)}
+    return out

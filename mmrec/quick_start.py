@@ -335,10 +335,11 @@ def run_grid(config: Config, out: Path, resume: bool = False, workers: int = 1, 
 def compare(models: list[str], datasets: list[str] | str, seeds: list[int] | None = None, splits: int | None = None,
             overrides: list | None = None, out_dir: Path | None = None, overwrite: bool = False,
             extra_yamls: list[Path] | None = None, workers: int = 1, backend: str = "local",
-            address: str | None = None, efficiency: bool = False) -> dict:
+            address: str | None = None, efficiency: bool = False, paired: bool = False) -> dict:
     """Train each model on each dataset under identical splits and seeds (Table 4's layout).  Every run
     goes into the results store of ``out_dir``; the same command again reuses the finished runs, so a
-    killed comparison continues where it stopped.  Writes compare.md / .csv / .tex / .json."""
+    killed comparison continues where it stopped.  Writes compare.md / .csv / .tex / .json.  ``paired``
+    adds each model against the best one per test user (``diagnostics.paired_against_best``)."""
     datasets = [datasets] if isinstance(datasets, str) else list(datasets)
     if splits is not None and splits < 1:
         raise ConfigError(f"--splits {splits}: expected 1..{len(PAPER_SPLIT_SEEDS)} random 8:1:1 splits (leave it out "
@@ -383,7 +384,12 @@ def compare(models: list[str], datasets: list[str] | str, seeds: list[int] | Non
     run_jobs(todo, on_done, workers, backend, address)
     keys = {j.key for j in jobs}
     records = [r for r in store.records() if r["key"] in keys]
-    table = compare_table(records, efficiency=efficiency)
+    against = None
+    if paired:
+        from mmrec.diagnostics import paired_against_best
+
+        against = paired_against_best(records)
+    table = compare_table(records, efficiency=efficiency, paired=against)
     md = write_tables(out, table, records)
     print(md)
     if on_done.state["failed"]:
@@ -416,7 +422,21 @@ def _id_mapping(folder: Path, file_name: str, internal: str) -> dict[int, str] |
 def load_trained(run_dir: Path):
     """(config, dataset, model with best.pth's weights) of a finished run folder."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists() or not (run_dir / "best.pth").exists():
+    if not (run_dir / "best.pth").exists():
+        raise ConfigError(f"{run_dir}: expected a finished run folder with config.yaml and best.pth")
+    config = load_run_config(run_dir)
+    dataset = RecDataset(config)
+    model = get_model(config["model"])(config, dataset).to(config["device"])
+    state = torch.load(run_dir / "best.pth", map_location=config["device"], weights_only=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return config, dataset, model
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """A run folder's saved config.yaml, ready to rebuild its dataset (the device resolved here)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir}: expected a finished run folder with config.yaml and best.pth")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     # a run saved before a key existed: that key takes today's default (keys added as "off" reproduce the
@@ -432,12 +452,7 @@ def load_trained(run_dir: Path):
     config = Config({**{k: current[k] for k in missing}, **saved})
     config["device"] = resolve_device(config)
     ensure_generated(config)
-    dataset = RecDataset(config)
-    model = get_model(config["model"])(config, dataset).to(config["device"])
-    state = torch.load(run_dir / "best.pth", map_location=config["device"], weights_only=False)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return config, dataset, model
+    return config
 
 
 def id_maps(dataset) -> tuple[dict[int, str] | None, dict[int, str] | None]:

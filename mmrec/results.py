@@ -117,10 +117,12 @@ def paired_bootstrap(diffs, resamples: int = 2000, seed: int = 0, level: float =
 
 
 def compare_table(records: Iterable[dict], metrics: tuple[str, ...] = TABLE_METRICS, primary: str = "ndcg@20",
-                  efficiency: bool = False) -> dict:
+                  efficiency: bool = False, paired: dict | None = None) -> dict:
     """Table 4's layout from compare records: rows models, per dataset the test metrics as mean and std
     over runs, the best and second best per column, and per dataset a paired t-test of the best model
-    against the runner-up on ``primary`` over the runs they share (same split / seed tag)."""
+    against the runner-up on ``primary`` over the runs they share (same split / seed tag).  ``paired``
+    (``diagnostics.paired_against_best`` on ``primary``) adds a column per dataset: each model against the
+    best one, with the bootstrap interval over test users."""
     records = [r for r in records if r.get("kind", "compare") == "compare"]
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     models = list(dict.fromkeys(r["model"] for r in records))
@@ -157,7 +159,7 @@ def compare_table(records: Iterable[dict], metrics: tuple[str, ...] = TABLE_METR
             p = paired_t_test([by_tag[best][t] for t in shared], [by_tag[second][t] for t in shared])
             tests[ds] = {"metric": primary, "best": best, "runner_up": second, "pairs": len(shared), "p_value": p}
     return {"datasets": datasets, "models": models, "metrics": list(metrics), "cells": cells, "ranks": ranks,
-            "tests": tests, "efficiency": efficiency}
+            "tests": tests, "efficiency": efficiency, "primary": primary, "paired": paired or {}}
 
 
 def _fmt(cell: dict, m: str) -> str:
@@ -171,6 +173,22 @@ def _runs_note(table: dict) -> str:
     return (f"Test metrics at the best validation epoch, mean ± sample std over {runs} run(s) per cell "
             f"(seeds or splits); best bold, second underlined; † = best differs from the runner-up on "
             f"{next(iter(table['tests'].values()))['metric'] if table['tests'] else 'ndcg@20'} by a paired t-test, p < 0.05.")
+
+
+def _paired_note(table: dict) -> str:
+    if not table.get("paired"):
+        return ""
+    return (f"\n\nvs best: the model's {table['primary']} minus the best model's, per test user averaged over the "
+            f"runs they share, with its 95% bootstrap interval over the test users (how far the test set's "
+            f"sampling noise alone could move the gap; the t-test above is over seeds).")
+
+
+def _paired_cell(table: dict, ds: str, model: str) -> str:
+    stats = table["paired"].get((ds, model))
+    if stats is None:
+        order = table["ranks"].get((ds, table["primary"]), [])
+        return "best" if order and order[0] == model else "-"
+    return f"{stats['diff']:+.4f} [{stats['low']:+.4f}, {stats['high']:+.4f}]"
 
 
 def _eff_columns(table: dict) -> list[str]:
@@ -202,15 +220,19 @@ def _marked(table: dict, ds: str, model: str, m: str, bold: tuple[str, str], und
 
 def to_markdown(table: dict) -> str:
     head = ["model"] + [f"{ds} {m}" for ds in table["datasets"] for m in table["metrics"]]
+    paired = bool(table.get("paired"))
+    head += [f"{ds} {table['primary']} vs best" for ds in table["datasets"]] if paired else []
     head += [f"{ds} {c}" for ds in table["datasets"] for c in _eff_columns(table)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for model in table["models"]:
         row = [model] + [_marked(table, ds, model, m, ("**", "**"), ("<u>", "</u>"))
                          for ds in table["datasets"] for m in table["metrics"]]
+        if paired:
+            row += [_paired_cell(table, ds, model) for ds in table["datasets"]]
         if table["efficiency"]:
             row += [v for ds in table["datasets"] for v in _eff_cells(table["cells"].get((ds, model), {}))]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n\n" + _runs_note(table)
+    return "\n".join(lines) + "\n\n" + _runs_note(table) + _paired_note(table)
 
 
 def to_latex(table: dict) -> str:
@@ -247,7 +269,10 @@ def table_json(table: dict, records: list[dict]) -> dict:
             "cells": [{"dataset": ds, "model": model, **{k: list(v) if isinstance(v, tuple) else v
                                                           for k, v in cell.items()}}
                       for (ds, model), cell in table["cells"].items()],
-            "paired_tests": table["tests"], "runs": records}
+            "paired_tests": table["tests"],
+            "paired_against_best": [{"dataset": ds, "model": model, "metric": table.get("primary"), **stats}
+                                    for (ds, model), stats in (table.get("paired") or {}).items()],
+            "runs": records}
 
 
 def grid_ranking(records: Iterable[dict]) -> str:
@@ -275,12 +300,18 @@ def write_tables(out: Path, table: dict, records: list[dict]) -> str:
     return md
 
 
-def show_results(folder: Path) -> str:
-    """The tables of a comparison or a grid folder from its results store (also while it runs)."""
+def show_results(folder: Path, paired: bool = False) -> str:
+    """The tables of a comparison or a grid folder from its results store (also while it runs); ``paired``
+    adds the column of each model against the best over test users (reads every run's top-K lists)."""
     records = ResultStore(folder, readonly=True).records()
     parts = []
     if any(r.get("kind") == "compare" for r in records):
-        parts.append(to_markdown(compare_table(records, efficiency=True)))
+        against = None
+        if paired:
+            from mmrec.diagnostics import paired_against_best
+
+            against = paired_against_best(records)
+        parts.append(to_markdown(compare_table(records, efficiency=True, paired=against)))
     ranking = grid_ranking(records)
     if ranking:
         parts.append(ranking)

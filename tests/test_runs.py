@@ -81,12 +81,36 @@ def test_compare_killed_and_rerun_holds_every_run_once_and_writes_every_format(t
     assert r"\textbf{" in (out / "compare.tex").read_text()
     shown = _main("results", str(out))
     assert shown.returncode == 0 and "LightGCN" in shown.stdout and "s/epoch" in shown.stdout
+    _check_paired_column(out, records)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
     bars = _main("plot", str(out))
     assert bars.returncode == 0 and (out / "compare_bars.png").stat().st_size > 5000, bars.stderr
+
+
+def _check_paired_column(out: Path, records: list[dict]) -> None:
+    """``results --paired``: each model against the best per test user, read from the saved top-K lists.
+    Every tiny user has test items in both splits, so the mean of the users' gaps (each averaged over the
+    two splits) is the mean of the two test gaps the evaluator reported."""
+    from mmrec.diagnostics import paired_against_best
+
+    mean = {m: np.mean([r["test"]["ndcg@20"] for r in records if r["model"] == m]) for m in ("BPR", "LightGCN")}
+    best, other = sorted(mean, key=mean.get, reverse=True)
+    got = paired_against_best(records)[("tiny", other)]
+    users = {r["tag"]: {line.split("\t")[0] for line in
+                        (Path(r["result_path"]).parent / "topk_test.tsv").read_text().splitlines()[1:]}
+             for r in records}
+    assert users["split9"] == users["split672"]
+    by = {(r["model"], r["tag"]): r["test"]["ndcg@20"] for r in records}
+    want = np.mean([by[(other, t)] - by[(best, t)] for t in users])
+    assert got["best"] == best and got["runs"] == 2 and got["users"] == len(users["split9"])
+    assert got["diff"] == pytest.approx(want, abs=1e-9) and got["low"] <= got["diff"] <= got["high"]
+    shown = _main("results", str(out), "--paired")
+    assert shown.returncode == 0, shown.stderr
+    assert "tiny ndcg@20 vs best" in shown.stdout and f"| {got['diff']:+.4f} [" in shown.stdout
+    assert "bootstrap interval over the test users" in shown.stdout
 
 
 def test_grid_killed_and_resumed_matches_an_uninterrupted_grid(tmp_path):
