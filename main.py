@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, nargs="+", default=[20], help="cut-offs (default 20)")
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
-    p = sub.add_parser("plot", help="learning curves of any runs, overlaid (PNG)")
+    p = sub.add_parser("plot", help="learning curves of any runs, overlaid (PNG), and how far each chosen "
+                                    "validation value stands above its curve")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, help="folder for the figures (default FIRST_RUN/plots)")
     p = sub.add_parser("check", help="check a dataset in full: Table 2 statistics and every problem")
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(table)
                     print(figure)
                 else:
+                    table = diagnostics.selection_table(args.run_dirs)
+                    if table.count("\n") > 1:
+                        print(table)
                     for path in diagnostics.plot_runs(args.run_dirs, args.out):
                         print(path)
             except ImportError as err:  # matplotlib, an optional extra

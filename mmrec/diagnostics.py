@@ -172,6 +172,29 @@ def explain_run(run_dir: Path, user: str, topk: int = 10, item: str | None = Non
     return "\n".join(lines), figure
 
 
+def selection_table(run_dirs: list[Path]) -> str:
+    """Per finished run (comparison folders skipped): its validation metric at the chosen epoch against
+    the evaluations around it (``results.selection_summary``), as a markdown table."""
+    from mmrec.results import STORE_NAME, selection_summary
+
+    lines = ["| run | valid metric | best epoch / evaluations | best | 5 either side | overshoot | roughness |",
+             "|---|---|---|---|---|---|---|"]
+    for d in run_dirs:
+        path = Path(d) / "result.json"
+        if (Path(d) / STORE_NAME).exists() or not path.exists():
+            continue
+        res = json.loads(path.read_text())
+        metric = str((res.get("config") or {}).get("valid_metric", "ndcg@20")).lower()
+        got = selection_summary(res.get("history") or [], metric, res.get("best_epoch"))
+        if got:
+            lines.append(f"| {res.get('model', '?')} ({Path(d).name}) | {metric} | {got['best_epoch']} / "
+                         f"{got['evaluations']} | {got['best']:.4f} | {got['neighbours']:.4f} | "
+                         f"{got['overshoot']:+.4f} | {got['roughness']:.4f} |")
+    return "\n".join(lines) + ("\n\novershoot = best minus the mean of up to 5 evaluations either side; roughness = "
+                              "standard deviation of the step-to-step change within 15 evaluations of the best"
+                              if len(lines) > 2 else "")
+
+
 def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
     """Learning curves of any runs, overlaid (loss parts and validation metrics per epoch); a comparison
     folder (with a results store) is drawn as grouped bars of its table."""

@@ -116,6 +116,28 @@ def paired_bootstrap(diffs, resamples: int = 2000, seed: int = 0, level: float =
     return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "a_ahead": float((means > 0).mean())}
 
 
+def selection_summary(history: list[dict], metric: str, best_epoch: int | None = None, side: int = 5,
+                      span: int = 15) -> dict | None:
+    """How far a run's chosen validation value stands above its own curve: the chosen evaluation
+    (``best_epoch``, the run's own choice, which compares rounded values; else the first maximum), the mean of up to ``side`` evaluations either side of it, the
+    difference (overshoot: what the maximum of a noisy curve adds to the model's level), and the curve's
+    roughness, the standard deviation of its step-to-step changes within ``span`` evaluations of the best.
+    None when the history holds no evaluation of ``metric``."""
+    pts = [(r["epoch"], r["valid"][metric]) for r in history if metric in (r.get("valid") or {})]
+    if not pts:
+        return None
+    values = [v for _, v in pts]
+    epochs = [e for e, _ in pts]
+    b = epochs.index(best_epoch) if best_epoch in epochs else values.index(max(values))
+    around = values[max(0, b - side):b] + values[b + 1:b + 1 + side]
+    window = values[max(0, b - span):b + span + 1]
+    steps = [y - x for x, y in zip(window, window[1:])]
+    level = statistics.fmean(around) if around else values[b]
+    return {"metric": metric, "best_epoch": pts[b][0], "best": values[b], "evaluations": len(values),
+            "neighbours": level, "overshoot": values[b] - level,
+            "roughness": statistics.pstdev(steps) if len(steps) > 1 else 0.0}
+
+
 def compare_table(records: Iterable[dict], metrics: tuple[str, ...] = TABLE_METRICS, primary: str = "ndcg@20",
                   efficiency: bool = False, paired: dict | None = None) -> dict:
     """Table 4's layout from compare records: rows models, per dataset the test metrics as mean and std

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmrec.results import ResultStore, compare_table, paired_bootstrap, paired_t_test, to_latex, to_markdown
+from mmrec.results import (ResultStore, compare_table, paired_bootstrap, paired_t_test, selection_summary, to_latex,
+                           to_markdown)
 from tests.helpers import ROOT, run_cli
 
 
@@ -208,6 +209,25 @@ def test_paired_bootstrap_interval_over_users():
     assert got["low"] < got["diff"] < got["high"]
     with pytest.raises(ValueError, match="one difference per user"):
         paired_bootstrap([])
+
+
+def test_selection_summary_measures_the_chosen_value_against_its_curve(tmp_path):
+    values = [0.1, 0.3, 0.2, 0.5, 0.4, 0.4, 0.1]
+    history = [{"epoch": e, "valid": {"ndcg@20": v}} for e, v in enumerate(values)] + [{"epoch": 7}]
+    got = selection_summary(history, "ndcg@20", best_epoch=3, side=2, span=10)
+    steps = np.diff(values)
+    assert got["best_epoch"] == 3 and got["best"] == 0.5 and got["evaluations"] == 7
+    assert got["neighbours"] == pytest.approx((0.3 + 0.2 + 0.4 + 0.4) / 4)
+    assert got["overshoot"] == pytest.approx(0.5 - 0.325) and got["roughness"] == pytest.approx(steps.std())
+    tie = selection_summary([{"epoch": e, "valid": {"m@1": v}} for e, v in enumerate([0.2, 0.5, 0.5])], "m@1")
+    assert tie["best_epoch"] == 1 and tie["neighbours"] == pytest.approx(0.35)  # the first maximum
+    assert selection_summary(history, "recall@20") is None
+    from mmrec.diagnostics import selection_table
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(json.dumps(
+        {"model": "M", "best_epoch": 3, "config": {"valid_metric": "ndcg@20"}, "history": history}))
+    assert "| M (run) | ndcg@20 | 3 / 7 | 0.5000 |" in selection_table([tmp_path / "run"])
 
 
 def test_store_survives_reopen_and_keeps_one_record_per_key(tmp_path):
