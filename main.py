@@ -185,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "results":  # light: reads the store without loading torch, also while runs go on
+        from mmrec.config import ConfigError
         from mmrec.results import show_results
 
         try:
             print(show_results(args.folder, paired=args.paired))
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ConfigError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0

@@ -119,10 +119,10 @@ def paired_bootstrap(diffs, resamples: int = 2000, seed: int = 0, level: float =
 def selection_summary(history: list[dict], metric: str, best_epoch: int | None = None, side: int = 5,
                       span: int = 15) -> dict | None:
     """How far a run's chosen validation value stands above its own curve: the chosen evaluation
-    (``best_epoch``, the run's own choice, which compares rounded values; else the first maximum), the mean of up to ``side`` evaluations either side of it, the
-    difference (overshoot: what the maximum of a noisy curve adds to the model's level), and the curve's
-    roughness, the standard deviation of its step-to-step changes within ``span`` evaluations of the best.
-    None when the history holds no evaluation of ``metric``."""
+    (``best_epoch``, the run's own choice, which compares rounded values; else the first maximum), the
+    mean of up to ``side`` evaluations either side of it, the difference (overshoot: what the maximum of a
+    noisy curve adds to the model's level), and the curve's roughness, the standard deviation of its
+    step-to-step changes within ``span`` evaluations of the best.  None when no evaluation has ``metric``."""
     pts = [(r["epoch"], r["valid"][metric]) for r in history if metric in (r.get("valid") or {})]
     if not pts:
         return None

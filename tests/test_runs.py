@@ -112,6 +112,9 @@ def _check_paired_column(out: Path, records: list[dict]) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "tiny ndcg@20 vs best" in shown.stdout and f"| {got['diff']:+.4f} [" in shown.stdout
     assert "bootstrap interval over the test users" in shown.stdout
+    (Path(records[0]["result_path"]).parent / "topk_test.tsv").unlink()
+    missing = _main("results", str(out), "--paired")
+    assert missing.returncode == 2 and "topk_test.tsv: missing" in missing.stderr and "save_topk" in missing.stderr
 
 
 def test_grid_killed_and_resumed_matches_an_uninterrupted_grid(tmp_path):
