@@ -237,8 +237,8 @@ class MAGNET(GeneralRecommender):
     candidate_popularity_discount, candidate_score, com_eps, cue_bpr, cue_bpr_weight, cue_centering, cue_form,
     cue_init, cue_input, cue_lr_scale, delta, dropout, edge_dropout, embedding_lr_scale, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
-    fanout_resample_steps, fixed_switch_epoch, head_lr_scale, induced_edge_scale, induced_edge_weight,
-    item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
+    fanout_resample_steps, fixed_switch_epoch, head_lr_scale, head_mlp_lr_scale, induced_edge_scale,
+    induced_edge_weight, item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
     router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed,
     similarity_smoothing, similarity_whitening, smoothing_steps,
     stage1_min_steps, stage_weights, switch_signal, switch_unit, target_edges, tau, template_lr_scale, template_prior,
@@ -283,8 +283,8 @@ class MAGNET(GeneralRecommender):
         "smoothing_steps": (">=", 1), "switch_unit": ("in", ("step", "epoch")), "stage1_min_steps": (">=", 0),
         "fixed_switch_epoch": (">=", 0), "lambda_ctr": (">=", 0), "tau": (">", 0), "embedding_reg": (">=", 0),
         "weight_decay_on": ("in", ("all", "non_embedding")),
-        "embedding_lr_scale": (">=", 0), "routing_trace_every": (">=", 0), "head_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0),
-        "router_lr_scale": (">=", 0), "template_lr_scale": (">=", 0), "template_prior": (">=", 0),
+        "embedding_lr_scale": (">=", 0), "routing_trace_every": (">=", 0), "head_lr_scale": (">=", 0),
+        "head_mlp_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0), "router_lr_scale": (">=", 0), "template_lr_scale": (">=", 0), "template_prior": (">=", 0),
     }
 
     @classmethod
@@ -351,8 +351,12 @@ class MAGNET(GeneralRecommender):
             self.no_weight_decay = ("user_embedding", "item_embedding")  # decay pulling absent rows to 0
         # per-group learning-rate factors (docs/magnet.md): the ID path enters every expert scaled by its
         # template weight w^B (Eq. 10), so under Adam it learns w^B-times slower than LightGCN's dot product
-        self.lr_scale = {prefix: float(cfg[key]) for key, prefixes in (
+        # (the first matching prefix wins: the MLP part of a head before the heads' own factor; its factor is
+        # head_mlp_lr_scale x head_lr_scale, since its output sums d x d parameters that Adam moves alike)
+        mlp_head = {"head_mlp_lr_scale": float(cfg["head_mlp_lr_scale"]) * float(cfg["head_lr_scale"])}
+        self.lr_scale = {prefix: float(mlp_head.get(key, cfg[key])) for key, prefixes in (
             ("embedding_lr_scale", ("user_embedding", "item_embedding")),
+            ("head_mlp_lr_scale", ("heads.w1_", "heads.b1", "heads.w2", "heads.b2")),
             ("head_lr_scale", ("heads", "score_vector")),
             ("cue_lr_scale", ("image_proj", "text_proj")),
             ("router_lr_scale", ("router.",)),

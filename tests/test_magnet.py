@@ -915,3 +915,13 @@ def test_target_edges_drop_takes_the_batch_positives_out_of_both_graphs(make, fa
     assert m.views()["ui"] is m.adj_ui and m.views()["uig"] is m.adj_uig
     with pytest.raises(ValueError, match="target_edges"):
         make(target_edges="drop", edge_dropout=0.2)
+
+
+def test_head_mlp_lr_scale_slows_the_mlp_part_of_a_head_only(make):
+    from mmrec.trainer import build_optimizer
+    m = make(expert_head="hadamard_concat", head_lr_scale=0.5, head_mlp_lr_scale=0.1)
+    by_param = {id(p): g for g in build_optimizer(m.config, m).param_groups for p in g["params"]}
+    assert by_param[id(m.heads.w_had)]["lr"] == pytest.approx(5e-4)  # the bilinear part: head_lr_scale
+    for p in (m.heads.w1_user, m.heads.w1_item, m.heads.b1, m.heads.w2, m.heads.b2):
+        assert by_param[id(p)]["lr"] == pytest.approx(5e-5)  # 0.1 x 0.5 x 1e-3
+    assert by_param[id(m.score_vector)]["lr"] == pytest.approx(5e-4)
