@@ -238,7 +238,8 @@ class MAGNET(GeneralRecommender):
     cue_init, cue_input, cue_lr_scale, delta, dropout, edge_dropout, embedding_lr_scale, embedding_reg, entropy_smoothing,
     entropy_threshold, expansion_r, expert_head, expert_init, expert_replicas, families, fanout,
     fanout_resample_steps, fixed_switch_epoch, head_lr_scale, head_mlp_lr_scale, induced_edge_scale,
-    induced_edge_weight, item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r, modality_scale, moe, n_layers,
+    induced_edge_weight, item_graph_image_weight, item_graph_layers, item_graph_norm, K, knn_k, lambda_ctr, lambda_r,
+    modality_scale, moe, n_layers,
     router, router_grad, router_input, router_lr_scale, routing_schedule, routing_trace_every, seed,
     similarity_smoothing, similarity_whitening, smoothing_steps,
     stage1_min_steps, stage_weights, switch_signal, switch_unit, target_edges, tau, template_lr_scale, template_prior,
@@ -284,7 +285,8 @@ class MAGNET(GeneralRecommender):
         "fixed_switch_epoch": (">=", 0), "lambda_ctr": (">=", 0), "tau": (">", 0), "embedding_reg": (">=", 0),
         "weight_decay_on": ("in", ("all", "non_embedding")),
         "embedding_lr_scale": (">=", 0), "routing_trace_every": (">=", 0), "head_lr_scale": (">=", 0),
-        "head_mlp_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0), "router_lr_scale": (">=", 0), "template_lr_scale": (">=", 0), "template_prior": (">=", 0),
+        "head_mlp_lr_scale": (">=", 0), "cue_lr_scale": (">=", 0), "router_lr_scale": (">=", 0),
+        "template_lr_scale": (">=", 0), "template_prior": (">=", 0),
     }
 
     @classmethod
