@@ -342,22 +342,22 @@ def topk_per_user(run_dir: Path, metric: str, truth_cache: dict | None = None) -
         truth.sort_indices()
         cache[key] = truth
     truth = cache[key]
-    users, hits = [], []
+    users, ranked = [], []
     with open(path) as fh:
         next(fh)
         for line in fh:
             user, items = line.rstrip("\n").split("\t")
-            ranked = [int(i) for i in items.split(",") if i][:k]
-            if len(ranked) < k:
-                raise ConfigError(f"{path}: user {user} has {len(ranked)} ranked items, fewer than {metric} needs "
+            row = [int(i) for i in items.split(",") if i][:k]
+            if len(row) < k:
+                raise ConfigError(f"{path}: user {user} has {len(row)} ranked items, fewer than {metric} needs "
                                   f"(rerun that run with --set save_topk={k})")
-            row = truth.indices[truth.indptr[int(user)]:truth.indptr[int(user) + 1]]
             users.append(int(user))
-            hits.append(np.isin(ranked, row))
+            ranked.append(row)
     users = np.asarray(users, dtype=np.int64)
+    ranked = np.asarray(ranked, dtype=np.int64).reshape(len(users), k)
+    hits = truth[users[:, None], ranked].toarray() != 0 if len(users) else np.zeros((0, k), dtype=bool)
     n_pos = torch.from_numpy(np.diff(truth.indptr)[users].astype(np.int64))
-    values = topk_metrics(torch.from_numpy(np.asarray(hits, dtype=np.float64).reshape(len(users), k)), n_pos, [k],
-                          [name])[metric]
+    values = topk_metrics(torch.from_numpy(hits.astype(np.float64)), n_pos, [k], [name])[metric]
     return users, values.numpy()
 
 
@@ -392,17 +392,18 @@ def paired_against_best(records: list[dict], metric: str = "ndcg@20", resamples:
             shared = sorted(set(runs[model]) & set(runs[best]))
             if model == best or not shared:
                 continue
-            total: dict[int, float] = {}
-            count: dict[int, int] = {}
+            users, gaps = [], []
             for tag in shared:
                 users_m, vals_m = per_user(runs[model][tag])
                 users_b, vals_b = per_user(runs[best][tag])
                 if not np.array_equal(users_m, users_b):
                     raise ConfigError(f"{model} and {best} on {ds} {tag} ranked different test users: not one split")
-                for u, v in zip(users_m.tolist(), (vals_m - vals_b).tolist()):
-                    total[u] = total.get(u, 0.0) + v
-                    count[u] = count.get(u, 0) + 1
-            d = np.array([total[u] / count[u] for u in total])  # each user's gap averaged over its runs
+                users.append(users_m)
+                gaps.append(vals_m - vals_b)
+            users, gaps = np.concatenate(users), np.concatenate(gaps)
+            count = np.bincount(users)
+            seen = count > 0
+            d = np.bincount(users, weights=gaps)[seen] / count[seen]  # each user's gap averaged over its runs
             out[(ds, model)] = {"best": best, "runs": len(shared), "users": int(d.size),
                                 **paired_bootstrap(d, resamples, seed)}
     return out
