@@ -353,16 +353,17 @@ class MAGNET(GeneralRecommender):
             self.no_weight_decay = ("user_embedding", "item_embedding")  # decay pulling absent rows to 0
         # per-group learning-rate factors (docs/magnet.md): the ID path enters every expert scaled by its
         # template weight w^B (Eq. 10), so under Adam it learns w^B-times slower than LightGCN's dot product
-        # (the first matching prefix wins: the MLP part of a head before the heads' own factor; its factor is
-        # head_mlp_lr_scale x head_lr_scale, since its output sums d x d parameters that Adam moves alike)
-        mlp_head = {"head_mlp_lr_scale": float(cfg["head_mlp_lr_scale"]) * float(cfg["head_lr_scale"])}
-        self.lr_scale = {prefix: float(mlp_head.get(key, cfg[key])) for key, prefixes in (
-            ("embedding_lr_scale", ("user_embedding", "item_embedding")),
-            ("head_mlp_lr_scale", ("heads.w1_", "heads.b1", "heads.w2", "heads.b2")),
-            ("head_lr_scale", ("heads", "score_vector")),
-            ("cue_lr_scale", ("image_proj", "text_proj")),
-            ("router_lr_scale", ("router.",)),
-            ("template_lr_scale", ("template_logits",))) for prefix in prefixes}
+        # (the trainer takes the first matching prefix: the MLP part of a head before the heads' own factor)
+        groups = (("embedding_lr_scale", ("user_embedding", "item_embedding")),
+                  ("head_mlp_lr_scale", ("heads.w1_", "heads.b1", "heads.w2", "heads.b2")),
+                  ("head_lr_scale", ("heads", "score_vector")),
+                  ("cue_lr_scale", ("image_proj", "text_proj")),
+                  ("router_lr_scale", ("router.",)),
+                  ("template_lr_scale", ("template_logits",)))
+        factor = {key: float(cfg[key]) for key, _ in groups}
+        # the MLP part's factor is relative to the heads': its output sums d x d parameters that Adam moves alike
+        factor["head_mlp_lr_scale"] *= factor["head_lr_scale"]
+        self.lr_scale = {prefix: factor[key] for key, prefixes in groups for prefix in prefixes}
         self._build_views(cfg)
 
         # modality cues (Eqs. 7-8): f_m linear; user cue = row-normalised R_train times H^m
